@@ -1,0 +1,631 @@
+"""
+The reference GPT: a character-level transformer language model, trained from scratch, in one file.
+
+Read it top to bottom, it is written in that order:
+config -> tokenizer -> data -> model -> evaluation -> checkpoints -> training -> entry point.
+
+    python gpt.py                           # a small model on the CPU in about 5 minutes
+    python gpt.py --n_layer=6 --device=cuda # any setting below can be overridden like this
+    python gpt.py --help                    # every setting with its default and meaning
+"""
+import argparse
+import difflib
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# -----------------------------------------------------------------------------
+# Config. Each value can be overridden on the command line as --key=value; the comment after
+# it is what `python gpt.py --help` prints. The defaults train a small model on a laptop CPU.
+# I/O
+out_dir = 'out'  # where checkpoints go: last.pt (to resume) and ckpt.pt (best val, to sample)
+data_dir = 'data'  # where prepare.py wrote train.bin, val.bin and meta.json
+init_from = 'scratch'  # 'scratch' starts a new model, 'resume' continues out_dir/last.pt
+eval_interval = 500  # evaluate (and save checkpoints) every this many iterations
+eval_iters = 30  # batches of fixed windows per split at each evaluation
+log_interval = 50  # print the training loss every this many iterations
+# data
+batch_size = 32  # how many independent sequences are trained on in parallel
+block_size = 128  # the longest context the model sees, in tokens
+# model
+n_layer = 4  # number of transformer blocks
+n_head = 4  # attention heads per block
+n_embd = 128  # width of the residual stream (channels per token)
+dropout = 0.0  # probability of zeroing activations in training; helps long runs on small data
+# optimizer: AdamW with linear warmup, then cosine decay
+learning_rate = 2e-3  # peak learning rate, reached at the end of warmup
+max_iters = 1500  # how many optimizer steps to train for
+warmup_iters = 100  # steps of linear warmup at the start
+lr_decay_iters = 1500  # step where the cosine decay reaches min_lr (usually = max_iters)
+min_lr = 2e-4  # learning rate after the decay (about learning_rate / 10)
+weight_decay = 0.1  # AdamW weight decay, applied to 2-D weight matrices only
+beta1 = 0.9  # AdamW momentum of the gradient
+beta2 = 0.99  # AdamW momentum of the squared gradient
+grad_clip = 1.0  # clip the gradient norm to this value; 0 turns clipping off
+# system
+device = 'auto'  # 'auto' picks cuda, then mps, then cpu
+dtype = 'auto'  # 'auto' is bfloat16 on CUDA (float16 on older GPUs) and float32 elsewhere
+compile = True  # torch.compile the model on CUDA; CPU runs stay eager, where it does not pay
+seed = 1337  # seeds every random choice: same seed, same run
+
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
+DEFAULTS = {k: globals()[k] for k in config_keys}
+CHOICES = {'init_from': ('scratch', 'resume'), 'device': ('auto', 'cpu', 'cuda', 'mps'),
+           'dtype': ('auto', 'float32', 'bfloat16', 'float16')}
+
+
+class UserError(Exception):
+    """A mistake the user can fix (a setting, a missing file): printed as one line, exit code 2."""
+
+
+def parse_bool(text):
+    if text.lower() in ('true', '1'):
+        return True
+    if text.lower() in ('false', '0'):
+        return False
+    raise ValueError(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print usage and exit; we want one line the caller can catch
+        raise UserError(message)
+
+
+def parse_args(argv, defaults, source, choices={}):
+    """Parse --key=value overrides of `defaults`. Returns only the keys given. Each value must parse as
+    its default's type; the help text of a key is its comment in the `source` file."""
+    with open(source, encoding='utf-8') as f:
+        comments = dict(re.findall(r"^(\w+) = .*?  # (.*)$", f.read(), re.M))
+    parser = _Parser(description=f'Settings of {os.path.basename(source)}; pass them as --key=value.',
+                     argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    for key, default in defaults.items():
+        kind = parse_bool if isinstance(default, bool) else type(default)
+        parser.add_argument(f'--{key}', type=kind, choices=choices.get(key), metavar=kind.__name__.upper(),
+                            help=f"{comments.get(key, '')} (default: {default})")
+    args, unknown = parser.parse_known_args(argv)
+    for arg in unknown:
+        key = arg.split('=', 1)[0].lstrip('-')
+        close = difflib.get_close_matches(key, defaults, n=1)
+        raise UserError(f"unknown setting '{arg}'" + (f"; did you mean --{close[0]}?" if close else
+                                                       "; see --help for the list"))
+    return vars(args)
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer: text <-> integer ids. The vocabulary is every distinct character of the training text,
+# sorted; it is stored in data_dir/meta.json and in every checkpoint.
+
+class Tokenizer:
+    def __init__(self, meta):
+        self.vocab = meta['vocab']  # id -> character
+        self.stoi = {ch: i for i, ch in enumerate(self.vocab)}  # character -> id
+        self.vocab_size = len(self.vocab)
+
+    def encode(self, text):
+        unknown = sorted(set(text) - self.stoi.keys())
+        if unknown:
+            raise UserError(f"characters not in the model's vocabulary: {''.join(unknown)!r}; remove them")
+        return [self.stoi[ch] for ch in text]
+
+    def decode(self, ids):
+        return ''.join(self.vocab[i] for i in ids)
+
+    def meta(self):
+        return {'kind': 'char', 'vocab': self.vocab}
+
+
+# -----------------------------------------------------------------------------
+# Data: prepare.py wrote the token ids once as uint16 files; we read them through np.memmap, so a corpus
+# never has to fit in memory. A training example is a window of block_size tokens (x) and the same
+# window shifted one to the right (y): at every position the model learns to predict the next token.
+
+def read_meta():
+    with open(os.path.join(data_dir, 'meta.json'), encoding='utf-8') as f:
+        return json.load(f)
+
+
+def tokens(split):
+    return np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+
+
+def batch_at(split, starts):
+    """The windows beginning at `starts`, as inputs x and targets y, each (len(starts), block_size)."""
+    data = tokens(split)
+    rows = torch.from_numpy(data[np.asarray(starts)[:, None] + np.arange(block_size + 1)].astype(np.int64))
+    x, y = rows[:, :-1], rows[:, 1:]  # (B, T) each; y is x shifted by one
+    if device.startswith('cuda'):  # pinned memory lets the copy to the GPU overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def get_batch(split):
+    """A random batch: batch_size windows at random offsets (drawn from torch's seeded generator)."""
+    starts = torch.randint(len(tokens(split)) - block_size, (batch_size,))
+    return batch_at(split, starts.numpy())
+
+
+# -----------------------------------------------------------------------------
+# Model: a decoder-only transformer. Tokens become vectors (token + position embeddings), pass through
+# n_layer blocks of attention (tokens exchange information) and a feed-forward net (each token thinks
+# alone), and a final linear layer turns each vector into logits over the vocabulary.
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+
+
+class Head(nn.Module):
+    """One head of causal self-attention, written out step by step. MultiHeadAttention computes all
+    heads at once with a fused kernel; a test checks it gives the same numbers as these Heads."""
+
+    def __init__(self, n_embd, head_size, block_size, dropout):
+        super().__init__()
+        self.key = nn.Linear(n_embd, head_size, bias=False)
+        self.query = nn.Linear(n_embd, head_size, bias=False)
+        self.value = nn.Linear(n_embd, head_size, bias=False)
+        self.register_buffer('tril', torch.tril(torch.ones(block_size, block_size)))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        k = self.key(x)  # (B, T, hs): what each token offers
+        q = self.query(x)  # (B, T, hs): what each token looks for
+        wei = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5  # (B, T, hs) @ (B, hs, T) -> (B, T, T)
+        wei = wei.masked_fill(self.tril[:T, :T] == 0, float('-inf'))  # a token may not look ahead
+        wei = F.softmax(wei, dim=-1)  # (B, T, T): each row sums to 1
+        wei = self.dropout(wei)
+        v = self.value(x)  # (B, T, hs): what each token passes on
+        return wei @ v  # (B, T, T) @ (B, T, hs) -> (B, T, hs)
+
+
+class MultiHeadAttention(nn.Module):
+    """n_head Heads side by side, computed as one batch: one matmul makes q, k, v for every head, and
+    F.scaled_dot_product_attention does Head's math (flash attention on CUDA)."""
+
+    def __init__(self, n_embd, n_head, dropout):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)  # the key, query, value of all heads at once
+        self.proj = nn.Linear(n_embd, n_embd)  # mixes the heads' outputs back into the residual stream
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:  # generation: prepend the keys and values of the tokens seen before
+            if cache:
+                k, v = torch.cat((cache[0], k), dim=2), torch.cat((cache[1], v), dim=2)  # (B, nh, past+T, hs)
+            cache[:] = [k, v]
+        # New queries sit at the end of the sequence: each may see every earlier key and itself.
+        S = k.shape[2]
+        mask = None if S == T else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    """A two-layer MLP applied to each position on its own, 4x wider inside."""
+
+    def __init__(self, n_embd, dropout):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Block(nn.Module):
+    """Communication (attention) then computation (feed-forward), each added to the residual stream.
+    LayerNorm comes before each part (pre-norm), which keeps deep stacks stable."""
+
+    def __init__(self, n_embd, n_head, dropout):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(n_embd)
+        self.attn = MultiHeadAttention(n_embd, n_head, dropout)
+        self.ln2 = nn.LayerNorm(n_embd)
+        self.ffwd = FeedForward(n_embd, dropout)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln1(x), cache)
+        return x + self.ffwd(self.ln2(x))
+
+
+class KVCache:
+    """Keys and values of the tokens already processed, per layer, so that generation feeds each new
+    token alone. `start` is where in the text the cached window begins."""
+
+    def __init__(self, n_layer):
+        self.n_layer = n_layer
+        self.reset(start=0)
+
+    def reset(self, start):
+        self.layers = [[] for _ in range(self.n_layer)]  # each becomes [k, v], (B, nh, length, hs) each
+        self.start = start
+
+    def __len__(self):
+        return self.layers[0][0].shape[2] if self.layers[0] else 0
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config.n_embd, config.n_head, config.dropout) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # weight tying: reading and writing a token share a vector
+        # GPT-2 init: small normal weights, and the projections that write into the residual stream
+        # scaled by 1/sqrt(2 * n_layer), so the stream's variance does not grow with depth.
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(('attn.proj.weight', 'ffwd.net.2.weight')):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy loss if targets are given.
+        With a KVCache, idx holds only the new tokens and continues the cached ones."""
+        B, T = idx.shape
+        past = len(cache) if cache is not None else 0
+        pos = torch.arange(past, past + T, device=idx.device)  # (T,)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C) + (T, C) -> (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache.layers[i] if cache is not None else None)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss
+
+    def window_start(self, T):
+        """Where the context window begins in a text of T tokens. Up to block_size tokens it is all of
+        them; past that the window jumps forward by half a block at a time, so the model always sees
+        between block_size/2 and block_size tokens and a KV cache is refilled only every block_size/2 steps."""
+        block, hop = self.config.block_size, max(1, self.config.block_size // 2)
+        return 0 if T <= block else -(-(T - block) // hop) * hop
+
+    @torch.no_grad()
+    def next_logits(self, idx, cache=None):
+        """Logits (B, V) for the token after idx (B, T), computed over idx's context window.
+        Without a cache the whole window runs through the model. With one, only tokens the cache has not
+        seen do. That is exact because of causality: a token's keys and values depend only on the tokens
+        before it, so those of earlier tokens never change as the text grows, until the window moves."""
+        start = self.window_start(idx.shape[1])
+        if cache is None:
+            return self(idx[:, start:])[0][:, -1]
+        if cache.start != start:  # the window moved: positions shifted, so every key and value changes
+            cache.reset(start)
+        return self(idx[:, start + len(cache):], cache=cache)[0][:, -1]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None):
+        """Extend idx (B, T) by max_new_tokens sampled tokens. temperature=0 picks the likeliest token;
+        top_k keeps only the k likeliest. use_cache=False recomputes the whole window for every token."""
+        cache = KVCache(len(self.blocks)) if use_cache else None
+        for _ in range(max_new_tokens):
+            logits = self.next_logits(idx, cache).float()  # (B, V)
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]  # (B, 1)
+                    logits = logits.masked_fill(logits < kth, float('-inf'))
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
+        return idx
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: the mean loss of each split over a fixed set of windows, the same ones at every eval.
+# Evals are then comparable across runs, free of sampling noise, and draw no random numbers (so a resumed
+# run stays exact). With the defaults the val split is covered whole.
+
+def eval_starts(split):
+    n = (len(tokens(split)) - 1) // block_size  # non-overlapping windows that fit in the split
+    k = min(n, eval_iters * batch_size)
+    return np.arange(k) * n // k * block_size  # k of those windows, spread evenly over the split
+
+
+def autocast():
+    """Mixed precision on CUDA: matmuls run in bfloat16 (or float16), reductions stay in float32."""
+    return nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], getattr(torch, dtype))
+
+
+@torch.no_grad()
+def estimate_loss(model):
+    was_training = model.training
+    model.eval()  # dropout off
+    out = {}
+    for split in ('train', 'val'):
+        starts = eval_starts(split)
+        total = torch.zeros((), device=device)
+        for i in range(0, len(starts), batch_size):
+            x, y = batch_at(split, starts[i:i + batch_size])
+            with autocast():
+                total += model(x, y)[1].float() * len(x)  # the batch's mean loss, weighted by its size
+        out[split] = total.item() / len(starts)
+    model.train(was_training)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: plain dicts of tensors, numbers, strings and lists, so that torch.load(weights_only=True)
+# reads them and loading one never runs code. out_dir/last.pt is the latest state, which a resumed run
+# continues; out_dir/ckpt.pt is the state with the best val loss so far, which sample.py loads.
+
+def save_checkpoint(state, path):
+    """Atomic: write a temporary file beside `path`, flush it to disk, then rename it over `path`.
+    A crash at any moment leaves the old checkpoint or the new one, never a broken one."""
+    tmp = path + '.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint (a file, or an out_dir holding ckpt.pt) on the CPU, or say clearly why not."""
+    if os.path.isdir(path):
+        path = os.path.join(path, 'ckpt.pt')
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}; train a model first: python gpt.py")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        if 'Unsupported global' in str(e):  # a pickled class or function: loading it could run code
+            raise UserError(f"{path} holds pickled Python objects, which could run code on load; refusing it "
+                            "(gpt.py only loads checkpoints made of tensors and plain values)") from None
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): truncated, or another "
+                        "kind of file; train again or pick another file") from None
+    if not isinstance(ckpt, dict) or not {'model', 'model_args', 'tokenizer', 'config'} <= ckpt.keys():
+        raise UserError(f"{path} is a torch file but not a gpt.py checkpoint")
+    return ckpt
+
+
+def load_model(path, device='cpu'):
+    """A checkpoint (file or out_dir) -> (model in eval mode on `device`, its tokenizer)."""
+    ckpt = load_checkpoint(path)
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])
+    return model.to(device).eval(), Tokenizer(ckpt['tokenizer'])
+
+
+# -----------------------------------------------------------------------------
+# Training.
+
+def get_lr(it):
+    """Linear warmup (starting above zero, so no step is wasted), then cosine decay down to min_lr."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def configure_optimizer(model):
+    """AdamW; weight decay pulls the 2-D weight matrices (and embeddings) towards zero, not biases or norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=device.startswith('cuda'))
+
+
+def pick_device(name):
+    """'auto' -> cuda, else mps, else cpu; a device that is not here is an error."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == 'auto':
+        return 'cuda' if cuda else 'mps' if mps else 'cpu'
+    if (name.startswith('cuda') and not cuda) or (name == 'mps' and not mps):
+        raise UserError(f"--device={name} is not available on this machine; use --device=cpu (or auto)")
+    return name
+
+
+def check_config():
+    """Catch bad settings before any work starts: one line each, naming the key and the fix."""
+    cfg = globals()
+    for key in ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'block_size', 'n_layer', 'n_head',
+                'n_embd', 'max_iters', 'lr_decay_iters', 'learning_rate'):
+        if cfg[key] <= 0:
+            raise UserError(f"--{key} must be positive, got {cfg[key]}")
+    for key in ('warmup_iters', 'min_lr', 'weight_decay', 'grad_clip'):
+        if cfg[key] < 0:
+            raise UserError(f"--{key} must be zero or more, got {cfg[key]}")
+    if n_embd % n_head:
+        raise UserError(f"--n_embd={n_embd} must be a multiple of --n_head={n_head}, e.g. "
+                        f"--n_embd={max(1, round(n_embd / n_head)) * n_head}")
+    for key in ('dropout', 'beta1', 'beta2'):
+        if not 0 <= cfg[key] < 1:
+            raise UserError(f"--{key} must be in [0, 1), got {cfg[key]}")
+    if dtype == 'float16' and device == 'cpu':
+        raise UserError("--dtype=float16 needs a GPU; on the CPU use --dtype=float32 (or auto)")
+    if dtype == 'bfloat16' and device == 'cuda' and not torch.cuda.is_bf16_supported():
+        raise UserError("--dtype=bfloat16 is not supported by this GPU; use --dtype=float16 (or auto)")
+    last, best = os.path.join(out_dir, 'last.pt'), os.path.join(out_dir, 'ckpt.pt')
+    if init_from == 'scratch' and (os.path.exists(last) or os.path.exists(best)):
+        raise UserError(f"{out_dir}/ already holds a checkpoint; continue it with --init_from=resume, or train "
+                        "into a new folder with --out_dir=NAME (delete the old one yourself if you mean to)")
+    if init_from == 'resume' and not os.path.exists(last):
+        raise UserError(f"--init_from=resume but there is no {last}; start with --init_from=scratch")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out_dir={out_dir} cannot be created ({e.strerror}); pick another --out_dir") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"--out_dir={out_dir} is not writable; pick another --out_dir")
+
+
+def check_data():
+    """Make sure data_dir holds the token files, running prepare.py for the default data_dir."""
+    if not os.path.isfile(os.path.join(data_dir, 'train.bin')):
+        if data_dir != DEFAULTS['data_dir']:
+            raise UserError(f"--data_dir={data_dir} holds no train.bin; make it with: "
+                            f"python prepare.py --input=YOUR.txt --data_dir={data_dir}")
+        print(f"no {data_dir}/train.bin yet: running prepare.py first")
+        prepare = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prepare.py')
+        if subprocess.run([sys.executable, prepare, f'--data_dir={data_dir}']).returncode:
+            sys.exit(1)  # prepare.py has printed what went wrong
+    n_val = len(tokens('val'))
+    if n_val <= block_size:
+        raise UserError(f"--block_size={block_size} needs more than {block_size} tokens in the val split, which "
+                        f"has {n_val}; use --block_size={max(1, n_val - 1)} or less, or a longer text")
+
+
+def train(ckpt=None):
+    """The training loop. `ckpt` is the checkpoint a resumed run continues from."""
+    tokenizer = Tokenizer(read_meta()['tokenizer'])
+    if ckpt is not None and ckpt['tokenizer'] != tokenizer.meta():
+        raise UserError(f"the checkpoint in {out_dir} was trained on another vocabulary than {data_dir}/meta.json; "
+                        "resume with the --data_dir it was trained on")
+    torch.manual_seed(seed)
+    model_args = ckpt['model_args'] if ckpt else dict(vocab_size=tokenizer.vocab_size, block_size=block_size,
+                                                      n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout)
+    model = GPT(GPTConfig(**model_args)).to(device)
+    optimizer = configure_optimizer(model)
+    scaler = torch.amp.GradScaler(enabled=dtype == 'float16')  # float16 needs loss scaling; bfloat16 does not
+    iter_num, best_val_loss = 0, float('inf')
+    if ckpt is not None:  # continue exactly where the run stopped, random number generators included
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+        torch.set_rng_state(ckpt['rng']['cpu'])
+        if device.startswith('cuda') and ckpt['rng']['cuda']:
+            torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
+    step_model = torch.compile(model) if compile and device.startswith('cuda') else model
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} in {dtype}; "
+          f"{batch_size * block_size:,} tokens per iteration; {'resuming at iter ' + str(iter_num) if ckpt else 'from scratch'}")
+
+    def state():
+        return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+                'model_args': model_args, 'config': {k: globals()[k] for k in config_keys}, 'tokenizer': tokenizer.meta(), 'iter_num': iter_num,
+                'best_val_loss': best_val_loss, 'rng': {'cpu': torch.get_rng_state(), 'cuda':
+                                                        torch.cuda.get_rng_state_all() if device.startswith('cuda') else []}}
+
+    def give_up(what):
+        sys.exit(f"error: {what} at iter {iter_num}: training diverged; lower --learning_rate (now {learning_rate}) or "
+                 f"raise --warmup_iters; the checkpoints in {out_dir}/ from the last good eval are untouched")
+
+    stop = []  # the signal that asked us to stop: we finish the current step, save, and exit
+    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    start_iter, t_log = iter_num, time.time()
+    try:
+        while True:
+            if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num > start_iter or ckpt is None):
+                losses = estimate_loss(model)
+                if not all(math.isfinite(v) for v in losses.values()):
+                    give_up(f"the eval loss is {losses['val']}")
+                print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                if losses['val'] < best_val_loss:
+                    best_val_loss = losses['val']
+                    save_checkpoint(state(), os.path.join(out_dir, 'ckpt.pt'))
+                save_checkpoint(state(), os.path.join(out_dir, 'last.pt'))
+                t_log = time.time()  # don't count the eval in the training speed
+            if iter_num >= max_iters:
+                break
+            if stop:
+                save_checkpoint(state(), os.path.join(out_dir, 'last.pt'))
+                print(f"stopped by {signal.Signals(stop[0]).name} at iter {iter_num}; saved {out_dir}/last.pt. "
+                      f"Resume with: python gpt.py --init_from=resume --out_dir={out_dir}")
+                sys.exit(128 + stop[0])
+            for group in optimizer.param_groups:
+                group['lr'] = get_lr(iter_num)
+            x, y = get_batch('train')
+            with autocast():
+                _, loss = step_model(x, y)
+            scaler.scale(loss).backward()
+            if grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            iter_num += 1
+            if iter_num % log_interval == 0 or iter_num == max_iters:  # .item() waits for the GPU: only here
+                lossf = loss.item()
+                if not math.isfinite(lossf):
+                    give_up(f"the loss is {lossf}")
+                dt = (time.time() - t_log) / (iter_num - max(start_iter, iter_num - log_interval))
+                t_log = time.time()
+                eta = round((max_iters - iter_num) * dt)
+                print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, lr {get_lr(iter_num - 1):.2e}, "
+                      f"{dt * 1000:.0f} ms/iter, {batch_size * block_size / dt:,.0f} tok/s, ETA {eta // 60}m{eta % 60:02d}s")
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    print(f"done: best val loss {best_val_loss:.4f}, saved in {out_dir}/ckpt.pt. A sample:")
+    model.eval()
+    start = torch.zeros((1, 1), dtype=torch.long, device=device)  # token 0: a newline in Shakespeare
+    out = model.generate(start, 500, generator=torch.Generator(device=device).manual_seed(seed))
+    print(tokenizer.decode(out[0].tolist()))
+    return best_val_loss
+
+
+# -----------------------------------------------------------------------------
+# Entry point.
+
+def main(argv):
+    global device, dtype
+    overrides = parse_args(argv, DEFAULTS, __file__, CHOICES)
+    globals().update({**DEFAULTS, **overrides})
+    ckpt = None
+    if init_from == 'resume' and os.path.isfile(os.path.join(out_dir, 'last.pt')):
+        ckpt = load_checkpoint(os.path.join(out_dir, 'last.pt'))
+        for key in ('block_size', 'n_layer', 'n_head', 'n_embd'):
+            if key in overrides and overrides[key] != ckpt['model_args'][key]:
+                raise UserError(f"--{key}={overrides[key]} differs from the checkpoint's {ckpt['model_args'][key]}; "
+                                "a resumed run keeps its model's shape")
+        saved = {k: v for k, v in ckpt['config'].items() if k not in ('out_dir', 'init_from', 'device', 'dtype')}
+        globals().update({**saved, **overrides})  # the run's own settings, then what was given now
+    device = pick_device(device)
+    if dtype == 'auto':
+        dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device == 'cuda' else 'float32'
+    check_config()
+    check_data()
+    if device.startswith('cuda'):
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for any float32 matmul left
+        torch.backends.cudnn.allow_tf32 = True
+    train(ckpt)
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
