@@ -10,7 +10,7 @@ import time
 import torch
 
 import gpt
-from gpt import UserError, parse_args, pick_device
+from gpt import UserError, parse_args, pick_device, run_cli
 
 SAMPLE = {  # the reference model (random weights are fine for timing)
     'n_layer': 6, 'n_head': 6, 'n_embd': 384, 'block_size': 256, 'vocab_size': 65,
@@ -63,8 +63,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

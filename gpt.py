@@ -83,6 +83,15 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+def run_cli(main):
+    """Run a script's main(argv); a UserError ends it with one line on stderr and exit code 2, no traceback."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv, defaults, source, choices={}):
     """Parse --key=value overrides of `defaults`. Returns only the keys given. Each value must parse as
     its default's type; the help text of a key is its comment in the `source` file."""
@@ -624,8 +633,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -14,7 +14,7 @@ import urllib.request
 
 import numpy as np
 
-from gpt import UserError, parse_args
+from gpt import UserError, parse_args, run_cli
 
 input = 'input.txt'  # the UTF-8 text to train on; Tiny Shakespeare is downloaded if the default is missing
 data_dir = 'data'  # where train.bin, val.bin and meta.json are written
@@ -94,8 +94,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

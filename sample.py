@@ -14,7 +14,7 @@ import sys
 import torch
 from torch.nn import functional as F
 
-from gpt import KVCache, UserError, load_model, parse_args, pick_device
+from gpt import KVCache, UserError, load_model, parse_args, pick_device, run_cli
 
 out_dir = 'out'  # the training run to sample from; its ckpt.pt holds the weights with the best val loss
 start = '\n'  # the text every sample continues; FILE:path reads it from a file
@@ -162,8 +162,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

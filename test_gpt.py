@@ -294,6 +294,13 @@ class TestGeneration(unittest.TestCase):
         self.assertEqual(stopped.shape[1], first + 1)
         self.assertEqual(stopped[0, -2:].tolist(), stop)
 
+    def test_a_single_sample_streams_each_token_as_it_is_made(self):
+        model = tiny_model()
+        seen = []
+        out = sample.sample(model, torch.zeros((1, 1), dtype=torch.long), 15, on_token=lambda idx: seen.append(idx.shape[1]))
+        self.assertEqual(seen, list(range(2, 17)))
+        self.assertEqual(out.shape, (1, 16))
+
     def test_beam_search_with_one_beam_is_greedy(self):
         model = tiny_model()
         idx = torch.randint(11, (1, 3))
@@ -364,6 +371,8 @@ class TestCheckpointAndConfig(DataDirTest):
         self.assertEqual(len(samples), 2)
         for s in samples:
             self.assertTrue(s.split('\n', 1)[1].startswith('Sing the'))
+        r = run('sample.py', f'--out_dir={self.dir}/e2e', '--start=Sing the', '--num_samples=1', '--max_new_tokens=20')
+        self.assertTrue(r.stdout.startswith('Sing the') and len(r.stdout) > len('Sing the') + 10, r.stdout)
 
 
 
