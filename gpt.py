@@ -9,6 +9,7 @@ config -> tokenizer -> data -> model -> evaluation -> checkpoints -> training ->
     python gpt.py --help                    # every setting with its default and meaning
 """
 import argparse
+import csv
 import difflib
 import json
 import math
@@ -113,14 +114,15 @@ def parse_args(argv, defaults, source, choices={}):
 
 
 # -----------------------------------------------------------------------------
-# Tokenizer: text <-> integer ids. The vocabulary is every distinct character of the training text,
-# sorted; it is stored in data_dir/meta.json and in every checkpoint.
+# Tokenizer: text <-> integer ids. Two kinds, chosen by prepare.py and stored in data_dir/meta.json and
+# in every checkpoint: characters (the vocabulary is the sorted set of characters in the text), and
+# byte-level BPE (start from the 256 byte values, then fuse frequent pairs of ids into new ids).
 
-class Tokenizer:
-    def __init__(self, meta):
-        self.vocab = meta['vocab']  # id -> character
-        self.stoi = {ch: i for i, ch in enumerate(self.vocab)}  # character -> id
-        self.vocab_size = len(self.vocab)
+class CharTokenizer:
+    def __init__(self, vocab):
+        self.vocab = vocab  # id -> character
+        self.stoi = {ch: i for i, ch in enumerate(vocab)}  # character -> id
+        self.vocab_size = len(vocab)
 
     def encode(self, text):
         unknown = sorted(set(text) - self.stoi.keys())
@@ -133,6 +135,48 @@ class Tokenizer:
 
     def meta(self):
         return {'kind': 'char', 'vocab': self.vocab}
+
+
+def merge(ids, pair, new_id):
+    """Replace each occurrence of `pair` in the id array `ids`, left to right, by new_id."""
+    hits = np.flatnonzero((ids[:-1] == pair[0]) & (ids[1:] == pair[1]))
+    if pair[0] == pair[1] and len(hits) > 1:  # in a run like 'aaa' the pairs overlap: the left one wins
+        keep = [hits[0]]
+        for i in hits[1:].tolist():
+            if i > keep[-1] + 1:
+                keep.append(i)
+        hits = np.array(keep)
+    ids = ids.copy()
+    ids[hits] = new_id
+    return np.delete(ids, hits + 1)
+
+
+class BPETokenizer:
+    """Byte-level BPE: a text is its UTF-8 bytes (ids 0-255); then merge i, in the order they were learned,
+    fuses each neighbouring pair (a, b) into id 256 + i. Any text encodes, in any language."""
+
+    def __init__(self, merges):
+        self.merges = [tuple(pair) for pair in merges]
+        self.vocab_size = 256 + len(merges)
+        self.bytes = [bytes([i]) for i in range(256)]  # id -> the bytes it stands for
+        for a, b in self.merges:
+            self.bytes.append(self.bytes[a] + self.bytes[b])
+
+    def encode(self, text):
+        ids = np.frombuffer(text.encode('utf-8'), dtype=np.uint8).astype(np.int32)
+        for i, pair in enumerate(self.merges):
+            ids = merge(ids, pair, 256 + i)
+        return ids.tolist()
+
+    def decode(self, ids):  # a cut through a multi-byte character decodes as U+FFFD instead of failing
+        return b''.join(self.bytes[i] for i in ids).decode('utf-8', errors='replace')
+
+    def meta(self):
+        return {'kind': 'bpe', 'merges': [list(pair) for pair in self.merges]}
+
+
+def load_tokenizer(meta):
+    return BPETokenizer(meta['merges']) if meta['kind'] == 'bpe' else CharTokenizer(meta['vocab'])
 
 
 # -----------------------------------------------------------------------------
@@ -370,6 +414,11 @@ def autocast():
     return nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], getattr(torch, dtype))
 
 
+def bits_per_char(loss, meta):
+    """Val loss in nats per token -> bits per character of the val text: comparable across tokenizers."""
+    return loss * meta['val_tokens'] / meta['val_chars'] / math.log(2)
+
+
 @torch.no_grad()
 def estimate_loss(model):
     was_training = model.training
@@ -431,7 +480,85 @@ def load_model(path, device='cpu'):
     ckpt = load_checkpoint(path)
     model = GPT(GPTConfig(**ckpt['model_args']))
     model.load_state_dict(ckpt['model'])
-    return model.to(device).eval(), Tokenizer(ckpt['tokenizer'])
+    return model.to(device).eval(), load_tokenizer(ckpt['tokenizer'])
+
+
+# -----------------------------------------------------------------------------
+# Watching a run: out_dir/log.csv (a row per log step and per eval), out_dir/loss.svg (the loss curves,
+# drawn with the standard library alone) and out_dir/samples.txt (a short sample at every eval).
+
+LOG_FIELDS = ('iter', 'elapsed_s', 'train_loss', 'val_loss', 'val_bpc', 'lr', 'tokens_per_s')
+
+
+def read_log():
+    path = os.path.join(out_dir, 'log.csv')
+    if not os.path.exists(path):
+        return []
+    with open(path, newline='', encoding='utf-8') as f:
+        return list(csv.DictReader(f))
+
+
+def write_log(rows):
+    with open(os.path.join(out_dir, 'log.csv') + '.tmp', 'w', newline='', encoding='utf-8') as f:
+        writer = csv.DictWriter(f, LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(os.path.join(out_dir, 'log.csv') + '.tmp', os.path.join(out_dir, 'log.csv'))
+
+
+def append_log(rows, **row):
+    row = {k: row.get(k, '') for k in LOG_FIELDS}
+    rows.append(row)
+    with open(os.path.join(out_dir, 'log.csv'), 'a', newline='', encoding='utf-8') as f:
+        csv.DictWriter(f, LOG_FIELDS).writerow(row)
+
+
+def plot_losses(rows, path):
+    """An SVG line chart of train and val loss at each eval, against the iteration."""
+    evals = [r for r in rows if r['val_loss'] != '']
+    its = [int(r['iter']) for r in evals]
+    series = {'train': [float(r['train_loss']) for r in evals], 'val': [float(r['val_loss']) for r in evals]}
+    lo, hi = min(min(v) for v in series.values()), max(max(v) for v in series.values())
+    lo, hi = (lo - 0.05, hi + 0.05) if hi - lo < 0.1 else (lo, hi)
+    W, H, left, right, top, bottom = 640, 400, 60, 20, 20, 50  # canvas and margins, in pixels
+    x = lambda it: left + (W - left - right) * it / max(its[-1], 1)
+    y = lambda v: top + (H - top - bottom) * (hi - v) / (hi - lo)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<path d="M{left},{top} V{H - bottom} H{W - right}" fill="none" stroke="black"/>']
+    for i in range(6):  # ticks: six on each axis
+        it, v = its[-1] * i / 5, lo + (hi - lo) * i / 5
+        out.append(f'<text x="{x(it):.1f}" y="{H - bottom + 16}" text-anchor="middle">{it:.0f}</text>')
+        out.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.2f}</text>')
+        out.append(f'<path d="M{x(it):.1f},{H - bottom} v4 M{left},{y(v):.1f} h-4" stroke="black"/>')
+    out.append(f'<text x="{(W + left) / 2}" y="{H - 12}" text-anchor="middle">iteration</text>')
+    out.append(f'<text transform="translate(16,{(H - bottom) / 2}) rotate(-90)" text-anchor="middle">loss</text>')
+    for (name, values), color, row in zip(series.items(), ('#1f77b4', '#d62728'), (0, 1)):
+        points = ' '.join(f'{x(it):.1f},{y(v):.1f}' for it, v in zip(its, values))
+        out.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="2"/>')
+        out.append(f'<text x="{W - right - 90}" y="{top + 16 + 18 * row}" fill="{color}">— {name} loss</text>')
+    best = min(range(len(its)), key=lambda i: series['val'][i])
+    out.append(f'<circle cx="{x(its[best]):.1f}" cy="{y(series["val"][best]):.1f}" r="5" fill="none" stroke="black"/>')
+    out.append(f'<text x="{x(its[best]) - 8:.1f}" y="{y(series["val"][best]) - 10:.1f}" text-anchor="end">'
+               f'best val {series["val"][best]:.4f}</text></svg>')
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+        f.write('\n'.join(out) + '\n')
+    os.replace(path + '.tmp', path)
+
+
+def generate_text(model, tokenizer, n):
+    """n new tokens after a newline (token 0), with a fixed seed: the same text for the same weights."""
+    was_training = model.training
+    model.eval()
+    start = torch.zeros((1, 1), dtype=torch.long, device=device)
+    out = model.generate(start, n, generator=torch.Generator(device=device).manual_seed(seed))
+    model.train(was_training)
+    return tokenizer.decode(out[0].tolist())
+
+
+def write_sample(model, tokenizer, iter_num):
+    with open(os.path.join(out_dir, 'samples.txt'), 'a', encoding='utf-8') as f:
+        f.write(f"--- iter {iter_num}\n{generate_text(model, tokenizer, 200)}\n")
 
 
 # -----------------------------------------------------------------------------
@@ -452,8 +579,150 @@ def configure_optimizer(model):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=device.startswith('cuda'))
+    fused = device.split(':')[0] in ('cuda', 'cpu')  # one kernel for all parameters: 10% faster steps on a CPU too
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=fused)
 
+
+def build(tokenizer, ckpt=None):
+    """The model, its optimizer and loss scaler: new, or restored from a checkpoint to continue exactly."""
+    torch.manual_seed(seed)
+    model_args = ckpt['model_args'] if ckpt else dict(vocab_size=tokenizer.vocab_size, block_size=block_size,
+                                                      n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout)
+    model = GPT(GPTConfig(**model_args)).to(device)
+    optimizer = configure_optimizer(model)
+    scaler = torch.amp.GradScaler(enabled=dtype == 'float16')  # float16 needs loss scaling; bfloat16 does not
+    if ckpt is not None:
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        torch.set_rng_state(ckpt['rng']['cpu'])  # the batches and dropout masks continue where they were
+        if device.startswith('cuda') and ckpt['rng']['cuda']:
+            torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
+    return model, optimizer, scaler
+
+
+def compiled(model):
+    """torch.compile on CUDA, where fused kernels pay off. On a CPU it made the small default model slower
+    (bench.py train: 41 ms/iter compiled, 38 eager), so CPU runs stay eager, as do runs where it fails."""
+    if not (compile and device.startswith('cuda')):
+        return model
+    try:
+        fast = torch.compile(model)
+        fast(*batch_at('train', np.arange(batch_size)))  # compile now, so a failure shows here, not mid-run
+        return fast
+    except Exception as e:
+        print(f"warning: torch.compile cannot run here ({type(e).__name__}); training without it")
+        return model
+
+
+def train_step(model, optimizer, scaler, lr):
+    """One optimizer step on a fresh batch; returns the loss (a tensor: reading it would wait for the GPU)."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    x, y = get_batch('train')
+    with autocast():
+        _, loss = model(x, y)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def train(ckpt=None):
+    """The training loop. `ckpt` is the checkpoint a resumed run continues from."""
+    meta = read_meta()
+    tokenizer = load_tokenizer(meta['tokenizer'])
+    if ckpt is not None and ckpt['tokenizer'] != tokenizer.meta():
+        raise UserError(f"the checkpoint in {out_dir} was trained on another vocabulary than {data_dir}/meta.json; "
+                        "resume with the --data_dir it was trained on")
+    model, optimizer, scaler = build(tokenizer, ckpt)
+    step_model = compiled(model)
+    iter_num, best_val_loss = (ckpt['iter_num'], ckpt['best_val_loss']) if ckpt else (0, float('inf'))
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} in {dtype}; "
+          f"{batch_size * block_size:,} tokens per iteration; {f'resuming at iter {iter_num}' if ckpt else 'from scratch'}")
+    rows = [r for r in read_log() if int(r['iter']) <= iter_num] if ckpt else []  # rows past last.pt were lost
+    write_log(rows)
+    t_start = time.time() - (float(rows[-1]['elapsed_s']) if rows else 0.0)  # elapsed time counts across resumes
+
+    def save(name):
+        state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+                 'model_args': asdict(model.config), 'config': {k: globals()[k] for k in config_keys},
+                 'tokenizer': tokenizer.meta(), 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'val_bpc': val_bpc,
+                 'rng': {'cpu': torch.get_rng_state(),
+                         'cuda': torch.cuda.get_rng_state_all() if device.startswith('cuda') else []}}
+        save_checkpoint(state, os.path.join(out_dir, name))
+
+    def give_up(what):
+        sys.exit(f"error: {what} at iter {iter_num}: training diverged; lower --learning_rate (now {learning_rate}) or "
+                 f"raise --warmup_iters; the checkpoints in {out_dir}/ from the last good eval are untouched")
+
+    def say(line):  # on a terminal, first wipe the progress line
+        print(('\r\033[K' if tty else '') + line)
+
+    def speed():  # seconds per iteration since the last log line, and the time left at that pace
+        dt = (time.time() - t_log) / max(1, iter_num - it_log)
+        left = round((max_iters - iter_num) * dt)
+        return dt, f"{batch_size * block_size / dt:,.0f} tok/s, ETA {left // 60}m{left % 60:02d}s"
+
+    tty = sys.stdout.isatty()
+    stop = []  # the signal that asked us to stop: we finish the current step, save, and exit
+    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    start_iter, it_log, t_log, t_shown, lossf = iter_num, iter_num, time.time(), 0.0, float('nan')
+    val_bpc = ckpt.get('val_bpc') if ckpt else None  # of the latest eval
+    try:
+        while True:
+            if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num > start_iter or ckpt is None):
+                losses = estimate_loss(model)
+                if not all(math.isfinite(v) for v in losses.values()):
+                    give_up(f"the eval loss is {losses['val']}")
+                val_bpc = bits_per_char(losses['val'], meta)
+                say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                    f"val {val_bpc:.4f} bits/char")
+                append_log(rows, iter=iter_num, elapsed_s=round(time.time() - t_start, 2), train_loss=round(losses['train'], 4),
+                           val_loss=round(losses['val'], 4), val_bpc=round(val_bpc, 4), lr=f'{get_lr(iter_num):.4g}')
+                plot_losses(rows, os.path.join(out_dir, 'loss.svg'))
+                write_sample(model, tokenizer, iter_num)
+                if losses['val'] < best_val_loss:
+                    best_val_loss = losses['val']
+                    save('ckpt.pt')
+                save('last.pt')
+                it_log, t_log = iter_num, time.time()  # the eval does not count in the training speed
+            if iter_num >= max_iters:
+                break
+            if stop:
+                save('last.pt')
+                say(f"stopped by {signal.Signals(stop[0]).name} at iter {iter_num}; saved {out_dir}/last.pt. "
+                    f"Resume with: python gpt.py --init_from=resume --out_dir={out_dir}")
+                sys.exit(128 + stop[0])
+            loss = train_step(step_model, optimizer, scaler, get_lr(iter_num))
+            iter_num += 1
+            if iter_num % log_interval == 0 or iter_num == max_iters:
+                lossf = loss.item()  # the only place a training step waits for the GPU
+                if not math.isfinite(lossf):
+                    give_up(f"the loss is {lossf}")
+                dt, pace = speed()
+                say(f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, lr {get_lr(iter_num - 1):.2e}, "
+                    f"{dt * 1000:.0f} ms/iter, {pace}")
+                append_log(rows, iter=iter_num, elapsed_s=round(time.time() - t_start, 2), train_loss=round(lossf, 4),
+                           lr=f'{get_lr(iter_num - 1):.4g}', tokens_per_s=round(batch_size * block_size / dt))
+                it_log, t_log = iter_num, time.time()
+            elif tty and time.time() - t_shown > 0.5:  # a progress line, rewritten in place
+                t_shown = time.time()
+                print(f"\riter {iter_num}/{max_iters}: last loss {lossf:.4f}, {speed()[1]}", end='', flush=True)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    print(f"done: best val loss {best_val_loss:.4f}, saved in {out_dir}/ckpt.pt. A sample:")
+    print(generate_text(model, tokenizer, 500))
+    return best_val_loss
+
+
+# -----------------------------------------------------------------------------
+# Entry point: read the settings, check them and the data, train.
 
 def pick_device(name):
     """'auto' -> cuda, else mps, else cpu; a device that is not here is an error."""
@@ -515,102 +784,10 @@ def check_data():
                         f"has {n_val}; use --block_size={max(1, n_val - 1)} or less, or a longer text")
 
 
-def train(ckpt=None):
-    """The training loop. `ckpt` is the checkpoint a resumed run continues from."""
-    tokenizer = Tokenizer(read_meta()['tokenizer'])
-    if ckpt is not None and ckpt['tokenizer'] != tokenizer.meta():
-        raise UserError(f"the checkpoint in {out_dir} was trained on another vocabulary than {data_dir}/meta.json; "
-                        "resume with the --data_dir it was trained on")
-    torch.manual_seed(seed)
-    model_args = ckpt['model_args'] if ckpt else dict(vocab_size=tokenizer.vocab_size, block_size=block_size,
-                                                      n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout)
-    model = GPT(GPTConfig(**model_args)).to(device)
-    optimizer = configure_optimizer(model)
-    scaler = torch.amp.GradScaler(enabled=dtype == 'float16')  # float16 needs loss scaling; bfloat16 does not
-    iter_num, best_val_loss = 0, float('inf')
-    if ckpt is not None:  # continue exactly where the run stopped, random number generators included
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
-        torch.set_rng_state(ckpt['rng']['cpu'])
-        if device.startswith('cuda') and ckpt['rng']['cuda']:
-            torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
-    step_model = torch.compile(model) if compile and device.startswith('cuda') else model
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} in {dtype}; "
-          f"{batch_size * block_size:,} tokens per iteration; {'resuming at iter ' + str(iter_num) if ckpt else 'from scratch'}")
-
-    def state():
-        return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-                'model_args': model_args, 'config': {k: globals()[k] for k in config_keys}, 'tokenizer': tokenizer.meta(), 'iter_num': iter_num,
-                'best_val_loss': best_val_loss, 'rng': {'cpu': torch.get_rng_state(), 'cuda':
-                                                        torch.cuda.get_rng_state_all() if device.startswith('cuda') else []}}
-
-    def give_up(what):
-        sys.exit(f"error: {what} at iter {iter_num}: training diverged; lower --learning_rate (now {learning_rate}) or "
-                 f"raise --warmup_iters; the checkpoints in {out_dir}/ from the last good eval are untouched")
-
-    stop = []  # the signal that asked us to stop: we finish the current step, save, and exit
-    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
-    start_iter, t_log = iter_num, time.time()
-    try:
-        while True:
-            if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num > start_iter or ckpt is None):
-                losses = estimate_loss(model)
-                if not all(math.isfinite(v) for v in losses.values()):
-                    give_up(f"the eval loss is {losses['val']}")
-                print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                if losses['val'] < best_val_loss:
-                    best_val_loss = losses['val']
-                    save_checkpoint(state(), os.path.join(out_dir, 'ckpt.pt'))
-                save_checkpoint(state(), os.path.join(out_dir, 'last.pt'))
-                t_log = time.time()  # don't count the eval in the training speed
-            if iter_num >= max_iters:
-                break
-            if stop:
-                save_checkpoint(state(), os.path.join(out_dir, 'last.pt'))
-                print(f"stopped by {signal.Signals(stop[0]).name} at iter {iter_num}; saved {out_dir}/last.pt. "
-                      f"Resume with: python gpt.py --init_from=resume --out_dir={out_dir}")
-                sys.exit(128 + stop[0])
-            for group in optimizer.param_groups:
-                group['lr'] = get_lr(iter_num)
-            x, y = get_batch('train')
-            with autocast():
-                _, loss = step_model(x, y)
-            scaler.scale(loss).backward()
-            if grad_clip > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            iter_num += 1
-            if iter_num % log_interval == 0 or iter_num == max_iters:  # .item() waits for the GPU: only here
-                lossf = loss.item()
-                if not math.isfinite(lossf):
-                    give_up(f"the loss is {lossf}")
-                dt = (time.time() - t_log) / (iter_num - max(start_iter, iter_num - log_interval))
-                t_log = time.time()
-                eta = round((max_iters - iter_num) * dt)
-                print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, lr {get_lr(iter_num - 1):.2e}, "
-                      f"{dt * 1000:.0f} ms/iter, {batch_size * block_size / dt:,.0f} tok/s, ETA {eta // 60}m{eta % 60:02d}s")
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-    print(f"done: best val loss {best_val_loss:.4f}, saved in {out_dir}/ckpt.pt. A sample:")
-    model.eval()
-    start = torch.zeros((1, 1), dtype=torch.long, device=device)  # token 0: a newline in Shakespeare
-    out = model.generate(start, 500, generator=torch.Generator(device=device).manual_seed(seed))
-    print(tokenizer.decode(out[0].tolist()))
-    return best_val_loss
-
-
-# -----------------------------------------------------------------------------
-# Entry point.
-
-def main(argv):
+def setup(overrides):
+    """Apply --key=value overrides (over a resumed run's own settings), pick the device and dtype, and
+    check settings and data before any work. Returns the checkpoint to resume from, if any."""
     global device, dtype
-    overrides = parse_args(argv, DEFAULTS, __file__, CHOICES)
     globals().update({**DEFAULTS, **overrides})
     ckpt = None
     if init_from == 'resume' and os.path.isfile(os.path.join(out_dir, 'last.pt')):
@@ -623,13 +800,17 @@ def main(argv):
         globals().update({**saved, **overrides})  # the run's own settings, then what was given now
     device = pick_device(device)
     if dtype == 'auto':
-        dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device == 'cuda' else 'float32'
+        dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device.startswith('cuda') else 'float32'
     check_config()
     check_data()
     if device.startswith('cuda'):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for any float32 matmul left
         torch.backends.cudnn.allow_tf32 = True
-    train(ckpt)
+    return ckpt
+
+
+def main(argv):
+    train(setup(parse_args(argv, DEFAULTS, __file__, CHOICES)))
 
 
 if __name__ == '__main__':

@@ -5,10 +5,12 @@ Tests: each states a property of a GPT or of its scripts. Fast (CPU, tiny models
 """
 import argparse
 import contextlib
+import csv
 import io
 import math
 import multiprocessing
 import os
+import pathlib
 import re
 import runpy
 import signal
@@ -17,6 +19,7 @@ import sys
 import tempfile
 import unittest
 from unittest import mock
+from xml.etree import ElementTree
 
 import numpy as np
 import torch
@@ -101,17 +104,17 @@ class DataDirTest(unittest.TestCase):
 class TestTokenizerAndData(DataDirTest):
 
     def test_tokenizer_round_trip(self):
-        tok = gpt.Tokenizer(self.meta['tokenizer'])
+        tok = gpt.load_tokenizer(self.meta['tokenizer'])
         self.assertEqual(tok.decode(tok.encode(TEXT)), TEXT)
         self.assertEqual(tok.vocab_size, len(set(TEXT)))
 
     def test_unknown_character_is_a_clear_error(self):
-        tok = gpt.Tokenizer(self.meta['tokenizer'])
+        tok = gpt.load_tokenizer(self.meta['tokenizer'])
         with self.assertRaisesRegex(gpt.UserError, "'Zé'"):
             tok.encode('Zé')
 
     def test_prepare_writes_first_90_percent_to_train_and_rest_to_val_as_uint16(self):
-        tok = gpt.Tokenizer(self.meta['tokenizer'])
+        tok = gpt.load_tokenizer(self.meta['tokenizer'])
         train = np.fromfile(os.path.join(self.data_dir, 'train.bin'), dtype=np.uint16)
         val = np.fromfile(os.path.join(self.data_dir, 'val.bin'), dtype=np.uint16)
         self.assertEqual(os.path.getsize(os.path.join(self.data_dir, 'train.bin')), 2 * len(train))
@@ -134,8 +137,8 @@ class TestTokenizerAndData(DataDirTest):
         self.assertEqual(y.shape, (5, 12))
         self.assertTrue(torch.equal(x[:, 1:], y[:, :-1]))
         train = np.fromfile(os.path.join(self.data_dir, 'train.bin'), dtype=np.uint16)
-        text = gpt.Tokenizer(self.meta['tokenizer']).decode(train.tolist())
-        tok = gpt.Tokenizer(self.meta['tokenizer'])
+        text = gpt.load_tokenizer(self.meta['tokenizer']).decode(train.tolist())
+        tok = gpt.load_tokenizer(self.meta['tokenizer'])
         for row_x, row_y in zip(x.tolist(), y.tolist()):
             self.assertIn(tok.decode(row_x + row_y[-1:]), text)  # a real window of the train split
 
@@ -149,6 +152,53 @@ class TestTokenizerAndData(DataDirTest):
             plain = [model(*gpt.batch_at('val', [s]))[1].item() for s in starts]
         self.assertAlmostEqual(losses['val'], sum(plain) / len(plain), places=5)
         self.assertFalse(model.training)  # estimate_loss leaves the model in the mode it found it in
+
+
+class TestBPE(DataDirTest):
+
+    def bpe(self, vocab_size=300):
+        meta = quiet(prepare.prepare, self.input, os.path.join(self.dir, 'bpe'), 'bpe', vocab_size)
+        return meta, gpt.load_tokenizer(meta['tokenizer'])
+
+    def test_bpe_round_trips_any_unicode_text(self):
+        _, tok = self.bpe()
+        for text in (TEXT[:300], 'Ünïcödé — 漢字, emoji 🙂, tabs\tand\r\nnewlines', ''.join(map(chr, range(32, 900)))):
+            self.assertEqual(tok.decode(tok.encode(text)), text)
+
+    def test_bpe_decodes_any_ids_replacing_broken_utf8(self):
+        _, tok = self.bpe()
+        ids = torch.randint(tok.vocab_size, (500,), generator=torch.Generator().manual_seed(0)).tolist()
+        self.assertIsInstance(tok.decode(ids), str)
+        self.assertEqual(tok.decode(list('é'.encode('utf-8'))[:1]), '\ufffd')  # half a character
+
+    def test_bpe_merges_shorten_the_text_and_overlapping_pairs_merge_left_to_right(self):
+        meta, tok = self.bpe()
+        self.assertEqual(meta['vocab_size'], 300)
+        self.assertLess(len(tok.encode(TEXT)), 0.6 * len(TEXT.encode('utf-8')))
+        self.assertEqual(gpt.merge(np.array([7, 7, 7, 1, 7, 7]), (7, 7), 9).tolist(), [9, 7, 1, 9])
+
+    def test_bpe_encode_of_the_train_text_equals_the_tokens_prepare_wrote(self):
+        meta, tok = self.bpe()
+        train = np.fromfile(os.path.join(self.dir, 'bpe', 'train.bin'), dtype=np.uint16).tolist()
+        val = np.fromfile(os.path.join(self.dir, 'bpe', 'val.bin'), dtype=np.uint16).tolist()
+        self.assertEqual(train, tok.encode(TEXT[:meta['train_chars']]))
+        self.assertEqual(val, tok.encode(TEXT[meta['train_chars']:]))
+
+    def test_bits_per_char_is_loss_over_ln2_for_characters_and_scaled_by_tokens_per_char_for_bpe(self):
+        self.assertAlmostEqual(gpt.bits_per_char(1.5, self.meta), 1.5 / math.log(2))
+        meta, _ = self.bpe()
+        self.assertAlmostEqual(gpt.bits_per_char(1.5, meta), 1.5 / math.log(2) * meta['val_tokens'] / meta['val_chars'])
+
+    def test_a_bpe_model_trains_resumes_and_samples_from_any_start_text(self):
+        self.bpe()
+        data = os.path.join(self.dir, 'bpe')
+        quiet(gpt.main, self.train_args(data_dir=data, max_iters=6))
+        log = output_of(gpt.main, self.train_args(data_dir=data) + ['--init_from=resume'])
+        self.assertRegex(log, r'val \d\.\d+ bits/char')
+        self.assertEqual(torch.load(os.path.join(self.dir, 'out', 'last.pt'), weights_only=True)['iter_num'], 12)
+        out = output_of(sample.main, [f"--out_dir={self.dir}/out", '--start=Zebras über 🙂', '--num_samples=2',
+                                      '--max_new_tokens=10'])
+        self.assertEqual(out.count('Zebras über 🙂'), 2)
 
 
 class TestModel(unittest.TestCase):
@@ -191,7 +241,7 @@ class TestModel(unittest.TestCase):
 
     def test_tiny_model_overfits_a_short_text(self):
         torch.manual_seed(0)
-        tok = gpt.Tokenizer({'vocab': sorted(set(TEXT))})
+        tok = gpt.CharTokenizer(sorted(set(TEXT)))
         data = torch.tensor(tok.encode(TEXT[:200]))
         model = tiny_model(vocab_size=tok.vocab_size, block_size=32, n_embd=32).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -421,8 +471,8 @@ class TestReliability(DataDirTest):
         with open(good, 'rb') as f:
             data = f.read()
         cases = [('pickled Python objects', lambda p: torch.save({**ckpt, 'extra': argparse.Namespace(x=1)}, p)),
-                 ('not a readable checkpoint', lambda p: open(p, 'wb').write(data[:len(data) // 2])),  # truncated
-                 ('not a readable checkpoint', lambda p: open(p, 'w').write('just some text')),
+                 ('not a readable checkpoint', lambda p: pathlib.Path(p).write_bytes(data[:len(data) // 2])),  # truncated
+                 ('not a readable checkpoint', lambda p: pathlib.Path(p).write_text('just some text')),
                  ('not a gpt.py checkpoint', lambda p: torch.save({'weights': torch.ones(2)}, p))]
         for i, (reason, write) in enumerate(cases):
             path = os.path.join(self.dir, f'{i}.pt')
@@ -432,7 +482,8 @@ class TestReliability(DataDirTest):
 
     def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(self):
         quiet(gpt.main, self.train_args(max_iters=6))
-        before = snapshot(os.path.join(self.dir, 'out'))
+        checkpoints = [os.path.join(self.dir, 'out', name) for name in ('ckpt.pt', 'last.pt')]
+        before = [pathlib.Path(p).read_bytes() for p in checkpoints]
         real_forward = gpt.GPT.forward
 
         def nan_after_step_7(model, idx, targets=None, cache=None):
@@ -443,7 +494,7 @@ class TestReliability(DataDirTest):
         with mock.patch.object(gpt.GPT, 'forward', nan_after_step_7), self.assertRaises(SystemExit) as stop:
             quiet(gpt.main, self.train_args() + ['--init_from=resume'])
         self.assertRegex(str(stop.exception.code), r"loss is nan at iter 8.*--learning_rate")
-        self.assertEqual(snapshot(os.path.join(self.dir, 'out')), before)
+        self.assertEqual([pathlib.Path(p).read_bytes() for p in checkpoints], before)
 
     def test_sigint_and_sigterm_save_a_resumable_checkpoint(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -537,6 +588,43 @@ class TestReliability(DataDirTest):
                 self.assertTrue(lines[0].startswith('error: '), lines[0])
                 self.assertIn(words, lines[0])
         self.assertEqual(snapshot(d), before)
+
+
+
+class TestWatchingTraining(DataDirTest):
+
+    def test_a_run_leaves_a_loss_curve_with_one_point_per_eval_for_each_series(self):
+        quiet(gpt.main, self.train_args())
+        svg = ElementTree.parse(os.path.join(self.dir, 'out', 'loss.svg'))  # well-formed XML
+        lines = svg.getroot().findall('{http://www.w3.org/2000/svg}polyline')
+        self.assertEqual(len(lines), 2)  # train and val
+        for line in lines:
+            self.assertEqual(len(line.get('points').split()), 3)  # evals at iterations 0, 6 and 12
+        with open(os.path.join(self.dir, 'out', 'samples.txt'), encoding='utf-8') as f:
+            self.assertEqual(re.findall(r'^--- iter (\d+)$', f.read(), re.M), ['0', '6', '12'])
+
+    def test_log_csv_keeps_its_rows_across_a_resume_without_duplicates(self):
+        quiet(gpt.main, self.train_args(max_iters=6))
+        with open(os.path.join(self.dir, 'out', 'log.csv'), encoding='utf-8') as f:
+            before = f.read()
+        quiet(gpt.main, self.train_args() + ['--init_from=resume'])
+        with open(os.path.join(self.dir, 'out', 'log.csv'), encoding='utf-8') as f:
+            after = f.read()
+        self.assertTrue(after.startswith(before))
+        rows = list(csv.DictReader(io.StringIO(after)))
+        steps = [int(r['iter']) for r in rows if r['val_loss'] == '']
+        evals = [int(r['iter']) for r in rows if r['val_loss'] != '']
+        self.assertEqual((steps, evals), (list(range(1, 13)), [0, 6, 12]))
+        self.assertEqual([float(r['elapsed_s']) for r in rows], sorted(float(r['elapsed_s']) for r in rows))
+
+    def test_the_progress_line_is_printed_only_to_a_terminal(self):
+        class Terminal(io.StringIO):
+            def isatty(self):
+                return True
+        for stream, expected in ((io.StringIO(), False), (Terminal(), True)):
+            with contextlib.redirect_stdout(stream):
+                gpt.main(self.train_args(out=str(expected), log_interval=5))
+            self.assertEqual('\r' in stream.getvalue(), expected)
 
 
 if __name__ == '__main__':
