@@ -99,7 +99,7 @@ def bench_target(cfg):
     while True:
         if it % gpt.eval_interval == 0 or it == gpt.max_iters:
             t0 = time.perf_counter()
-            val = gpt.estimate_loss(model)['val']
+            val = gpt.estimate_loss(model, splits=('val',))['val']
             eval_s += time.perf_counter() - t0
             print(f"iter {it}: val loss {val:.4f} after {time.perf_counter() - t_start:.1f} s")
             if val <= cfg['target_loss'] or it == gpt.max_iters:

@@ -24,8 +24,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
 # Config. Each value can be overridden on the command line as --key=value; the comment after
@@ -39,6 +41,7 @@ eval_iters = 30  # batches of fixed windows per split at each evaluation
 log_interval = 50  # print the training loss every this many iterations
 # data
 batch_size = 32  # how many independent sequences are trained on in parallel
+gradient_accumulation_steps = 1  # micro-batches per optimizer step: batch_size x this x processes per step
 block_size = 128  # the longest context the model sees, in tokens
 # model
 n_layer = 4  # number of transformer blocks
@@ -420,11 +423,11 @@ def bits_per_char(loss, meta):
 
 
 @torch.no_grad()
-def estimate_loss(model):
+def estimate_loss(model, splits=('train', 'val')):
     was_training = model.training
     model.eval()  # dropout off
     out = {}
-    for split in ('train', 'val'):
+    for split in splits:
         starts = eval_starts(split)
         total = torch.zeros((), device=device)
         for i in range(0, len(starts), batch_size):
@@ -583,9 +586,14 @@ def configure_optimizer(model):
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=fused)
 
 
+# Several processes (torchrun, DistributedDataParallel): setup() says which one this is. Each process
+# trains on its own batches, DDP averages the gradients, and process 0 alone evaluates, logs and saves.
+rank, local_rank, world_size = 0, 0, 1
+
+
 def build(tokenizer, ckpt=None):
     """The model, its optimizer and loss scaler: new, or restored from a checkpoint to continue exactly."""
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + rank)  # processes draw different batches; DDP copies process 0's initial weights
     model_args = ckpt['model_args'] if ckpt else dict(vocab_size=tokenizer.vocab_size, block_size=block_size,
                                                       n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout)
     model = GPT(GPTConfig(**model_args)).to(device)
@@ -595,10 +603,20 @@ def build(tokenizer, ckpt=None):
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
-        torch.set_rng_state(ckpt['rng']['cpu'])  # the batches and dropout masks continue where they were
-        if device.startswith('cuda') and ckpt['rng']['cuda']:
-            torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
+        if rank < len(ckpt['rng']):  # the batches and dropout masks continue where they were
+            torch.set_rng_state(ckpt['rng'][rank]['cpu'])
+            if ckpt['rng'][rank]['cuda'] is not None and device.startswith('cuda'):
+                torch.cuda.set_rng_state(ckpt['rng'][rank]['cuda'], device)
     return model, optimizer, scaler
+
+
+def rng_states():
+    """The random-number-generator states of every process (a collective call under DDP)."""
+    mine = {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(device) if device.startswith('cuda') else None}
+    states = [mine] * world_size
+    if world_size > 1:
+        dist.all_gather_object(states, mine)
+    return states
 
 
 def compiled(model):
@@ -616,20 +634,27 @@ def compiled(model):
 
 
 def train_step(model, optimizer, scaler, lr):
-    """One optimizer step on a fresh batch; returns the loss (a tensor: reading it would wait for the GPU)."""
+    """One optimizer step over gradient_accumulation_steps fresh batches; returns their mean loss (a tensor:
+    reading it would wait for the GPU). Under DDP the gradients are averaged over processes once, at the end."""
     for group in optimizer.param_groups:
         group['lr'] = lr
-    x, y = get_batch('train')
-    with autocast():
-        _, loss = model(x, y)
-    scaler.scale(loss).backward()
+    total = 0.0
+    for micro in range(gradient_accumulation_steps):
+        x, y = get_batch('train')
+        last = micro == gradient_accumulation_steps - 1
+        with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
+            with autocast():
+                _, loss = model(x, y)
+            loss = loss / gradient_accumulation_steps  # so the gradients add up to those of the mean loss
+            scaler.scale(loss).backward()
+        total += loss.detach()
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return total
 
 
 def train(ckpt=None):
@@ -641,32 +666,47 @@ def train(ckpt=None):
                         "resume with the --data_dir it was trained on")
     model, optimizer, scaler = build(tokenizer, ckpt)
     step_model = compiled(model)
+    if world_size > 1:
+        step_model = DDP(step_model, device_ids=[local_rank] if device.startswith('cuda') else None)
+    master = rank == 0  # the one process that evaluates, prints and writes files
     iter_num, best_val_loss = (ckpt['iter_num'], ckpt['best_val_loss']) if ckpt else (0, float('inf'))
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} in {dtype}; "
-          f"{batch_size * block_size:,} tokens per iteration; {f'resuming at iter {iter_num}' if ckpt else 'from scratch'}")
+    tokens_per_iter = batch_size * block_size * gradient_accumulation_steps * world_size
     rows = [r for r in read_log() if int(r['iter']) <= iter_num] if ckpt else []  # rows past last.pt were lost
-    write_log(rows)
+    if master:
+        print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} in {dtype}; "
+              f"{tokens_per_iter:,} tokens per iteration = batch_size {batch_size} x block_size {block_size} x "
+              f"gradient_accumulation_steps {gradient_accumulation_steps} x {world_size} processes; "
+              f"{f'resuming at iter {iter_num}' if ckpt else 'from scratch'}")
+        write_log(rows)
     t_start = time.time() - (float(rows[-1]['elapsed_s']) if rows else 0.0)  # elapsed time counts across resumes
 
-    def save(name):
+    def save(names):
         state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                  'model_args': asdict(model.config), 'config': {k: globals()[k] for k in config_keys},
-                 'tokenizer': tokenizer.meta(), 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'val_bpc': val_bpc,
-                 'rng': {'cpu': torch.get_rng_state(),
-                         'cuda': torch.cuda.get_rng_state_all() if device.startswith('cuda') else []}}
-        save_checkpoint(state, os.path.join(out_dir, name))
+                 'tokenizer': tokenizer.meta(), 'iter_num': iter_num, 'best_val_loss': best_val_loss,
+                 'val_bpc': val_bpc, 'rng': rng_states()}  # every process takes part in gathering the states
+        for name in names if master else ():
+            save_checkpoint(state, os.path.join(out_dir, name))
 
     def give_up(what):
         sys.exit(f"error: {what} at iter {iter_num}: training diverged; lower --learning_rate (now {learning_rate}) or "
                  f"raise --warmup_iters; the checkpoints in {out_dir}/ from the last good eval are untouched")
 
     def say(line):  # on a terminal, first wipe the progress line
-        print(('\r\033[K' if tty else '') + line)
+        if master:
+            print(('\r\033[K' if tty else '') + line)
 
     def speed():  # seconds per iteration since the last log line, and the time left at that pace
         dt = (time.time() - t_log) / max(1, iter_num - it_log)
         left = round((max_iters - iter_num) * dt)
-        return dt, f"{batch_size * block_size / dt:,.0f} tok/s, ETA {left // 60}m{left % 60:02d}s"
+        return dt, f"{tokens_per_iter / dt:,.0f} tok/s, ETA {left // 60}m{left % 60:02d}s"
+
+    def stopping():  # under DDP all processes must stop at the same step: they agree at each log step
+        if world_size == 1 or iter_num % log_interval:
+            return bool(stop) and world_size == 1
+        flag = torch.tensor(float(bool(stop)), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
 
     tty = sys.stdout.isatty()
     stop = []  # the signal that asked us to stop: we finish the current step, save, and exit
@@ -676,28 +716,31 @@ def train(ckpt=None):
     try:
         while True:
             if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num > start_iter or ckpt is None):
-                losses = estimate_loss(model)
-                if not all(math.isfinite(v) for v in losses.values()):
-                    give_up(f"the eval loss is {losses['val']}")
-                val_bpc = bits_per_char(losses['val'], meta)
-                say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                    f"val {val_bpc:.4f} bits/char")
-                append_log(rows, iter=iter_num, elapsed_s=round(time.time() - t_start, 2), train_loss=round(losses['train'], 4),
-                           val_loss=round(losses['val'], 4), val_bpc=round(val_bpc, 4), lr=f'{get_lr(iter_num):.4g}')
-                plot_losses(rows, os.path.join(out_dir, 'loss.svg'))
-                write_sample(model, tokenizer, iter_num)
-                if losses['val'] < best_val_loss:
-                    best_val_loss = losses['val']
-                    save('ckpt.pt')
-                save('last.pt')
+                names = ['last.pt']
+                if master:
+                    losses = estimate_loss(model)
+                    if not all(math.isfinite(v) for v in losses.values()):
+                        give_up(f"the eval loss is {losses['val']}")
+                    val_bpc = bits_per_char(losses['val'], meta)
+                    say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                        f"val {val_bpc:.4f} bits/char")
+                    append_log(rows, iter=iter_num, elapsed_s=round(time.time() - t_start, 2),
+                               train_loss=round(losses['train'], 4), val_loss=round(losses['val'], 4),
+                               val_bpc=round(val_bpc, 4), lr=f'{get_lr(iter_num):.4g}')
+                    plot_losses(rows, os.path.join(out_dir, 'loss.svg'))
+                    write_sample(model, tokenizer, iter_num)
+                    if losses['val'] < best_val_loss:
+                        best_val_loss = losses['val']
+                        names.insert(0, 'ckpt.pt')
+                save(names)
                 it_log, t_log = iter_num, time.time()  # the eval does not count in the training speed
             if iter_num >= max_iters:
                 break
-            if stop:
-                save('last.pt')
-                say(f"stopped by {signal.Signals(stop[0]).name} at iter {iter_num}; saved {out_dir}/last.pt. "
-                    f"Resume with: python gpt.py --init_from=resume --out_dir={out_dir}")
-                sys.exit(128 + stop[0])
+            if stopping():
+                save(['last.pt'])
+                say(f"stopped by {signal.Signals(stop[0]).name if stop else 'another process'} at iter {iter_num}; "
+                    f"saved {out_dir}/last.pt. Resume with: python gpt.py --init_from=resume --out_dir={out_dir}")
+                sys.exit(128 + (stop[0] if stop else signal.SIGTERM))
             loss = train_step(step_model, optimizer, scaler, get_lr(iter_num))
             iter_num += 1
             if iter_num % log_interval == 0 or iter_num == max_iters:
@@ -707,17 +750,19 @@ def train(ckpt=None):
                 dt, pace = speed()
                 say(f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, lr {get_lr(iter_num - 1):.2e}, "
                     f"{dt * 1000:.0f} ms/iter, {pace}")
-                append_log(rows, iter=iter_num, elapsed_s=round(time.time() - t_start, 2), train_loss=round(lossf, 4),
-                           lr=f'{get_lr(iter_num - 1):.4g}', tokens_per_s=round(batch_size * block_size / dt))
+                if master:
+                    append_log(rows, iter=iter_num, elapsed_s=round(time.time() - t_start, 2), train_loss=round(lossf, 4),
+                               lr=f'{get_lr(iter_num - 1):.4g}', tokens_per_s=round(tokens_per_iter / dt))
                 it_log, t_log = iter_num, time.time()
-            elif tty and time.time() - t_shown > 0.5:  # a progress line, rewritten in place
+            elif master and tty and time.time() - t_shown > 0.5:  # a progress line, rewritten in place
                 t_shown = time.time()
                 print(f"\riter {iter_num}/{max_iters}: last loss {lossf:.4f}, {speed()[1]}", end='', flush=True)
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    print(f"done: best val loss {best_val_loss:.4f}, saved in {out_dir}/ckpt.pt. A sample:")
-    print(generate_text(model, tokenizer, 500))
+    if master:
+        print(f"done: best val loss {best_val_loss:.4f}, saved in {out_dir}/ckpt.pt. A sample:")
+        print(generate_text(model, tokenizer, 500))
     return best_val_loss
 
 
@@ -737,7 +782,7 @@ def pick_device(name):
 def check_config():
     """Catch bad settings before any work starts: one line each, naming the key and the fix."""
     cfg = globals()
-    for key in ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'block_size', 'n_layer', 'n_head',
+    for key in ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'gradient_accumulation_steps', 'block_size', 'n_layer', 'n_head',
                 'n_embd', 'max_iters', 'lr_decay_iters', 'learning_rate'):
         if cfg[key] <= 0:
             raise UserError(f"--{key} must be positive, got {cfg[key]}")
@@ -771,7 +816,7 @@ def check_config():
 def check_data():
     """Make sure data_dir holds the token files, running prepare.py for the default data_dir."""
     if not os.path.isfile(os.path.join(data_dir, 'train.bin')):
-        if data_dir != DEFAULTS['data_dir']:
+        if data_dir != DEFAULTS['data_dir'] or world_size > 1:
             raise UserError(f"--data_dir={data_dir} holds no train.bin; make it with: "
                             f"python prepare.py --input=YOUR.txt --data_dir={data_dir}")
         print(f"no {data_dir}/train.bin yet: running prepare.py first")
@@ -787,7 +832,7 @@ def check_data():
 def setup(overrides):
     """Apply --key=value overrides (over a resumed run's own settings), pick the device and dtype, and
     check settings and data before any work. Returns the checkpoint to resume from, if any."""
-    global device, dtype
+    global device, dtype, rank, local_rank, world_size
     globals().update({**DEFAULTS, **overrides})
     ckpt = None
     if init_from == 'resume' and os.path.isfile(os.path.join(out_dir, 'last.pt')):
@@ -799,6 +844,12 @@ def setup(overrides):
         saved = {k: v for k, v in ckpt['config'].items() if k not in ('out_dir', 'init_from', 'device', 'dtype')}
         globals().update({**saved, **overrides})  # the run's own settings, then what was given now
     device = pick_device(device)
+    if 'RANK' in os.environ:  # started by torchrun: one process per device, NCCL between GPUs, gloo between CPUs
+        rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+        if device.startswith('cuda'):
+            device = f'cuda:{local_rank}'
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
     if dtype == 'auto':
         dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device.startswith('cuda') else 'float32'
     check_config()
@@ -810,7 +861,11 @@ def setup(overrides):
 
 
 def main(argv):
-    train(setup(parse_args(argv, DEFAULTS, __file__, CHOICES)))
+    try:
+        train(setup(parse_args(argv, DEFAULTS, __file__, CHOICES)))
+    finally:
+        if dist.is_initialized():  # on success and on errors alike, so no process is left waiting
+            dist.destroy_process_group()
 
 
 if __name__ == '__main__':

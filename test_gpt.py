@@ -14,6 +14,7 @@ import pathlib
 import re
 import runpy
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,8 @@ from xml.etree import ElementTree
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gpt
 import prepare
@@ -589,6 +592,67 @@ class TestReliability(DataDirTest):
                 self.assertIn(words, lines[0])
         self.assertEqual(snapshot(d), before)
 
+
+
+def _one_ddp_step(rank, world_size, port, batches, out_path):
+    """A process of a 2-process DDP group (gloo, CPU): one SGD step with lr 1 on this rank's batch."""
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world_size)
+    model = tiny_model().train()  # the same seed: the same weights on every rank
+    ddp = DDP(model)
+    with mock.patch.multiple(gpt, get_batch=lambda split: batches[rank], grad_clip=0.0, dtype='float32',
+                             gradient_accumulation_steps=1):
+        gpt.train_step(ddp, torch.optim.SGD(model.parameters(), lr=1.0), torch.amp.GradScaler(enabled=False), 1.0)
+    if rank == 0:
+        torch.save(model.state_dict(), out_path)
+    dist.destroy_process_group()
+
+
+def sgd_step_on(batches, accumulation=1):
+    """The weights of tiny_model after one SGD step (lr 1) on the given micro-batches."""
+    model = tiny_model().train()
+    it = iter(batches)
+    with mock.patch.multiple(gpt, get_batch=lambda split: next(it), grad_clip=0.0, dtype='float32',
+                             gradient_accumulation_steps=accumulation):
+        gpt.train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), torch.amp.GradScaler(enabled=False), 1.0)
+    return model.state_dict()
+
+
+class TestScalingUp(DataDirTest):
+
+    def batches(self, n):
+        torch.manual_seed(1)
+        return [(torch.randint(11, (2, 8)), torch.randint(11, (2, 8))) for _ in range(n)]
+
+    def assert_same_weights(self, a, b):
+        for key in a:
+            self.assertTrue(torch.allclose(a[key], b[key], atol=1e-6), key)
+
+    def test_accumulating_two_micro_batches_equals_one_step_on_both(self):
+        b = self.batches(2)
+        combined = (torch.cat([b[0][0], b[1][0]]), torch.cat([b[0][1], b[1][1]]))
+        self.assert_same_weights(sgd_step_on(b, accumulation=2), sgd_step_on([combined]))
+
+    def test_a_ddp_step_on_two_processes_equals_one_step_on_both_batches(self):
+        b = self.batches(2)
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        out_path = os.path.join(self.dir, 'ddp.pt')
+        torch.multiprocessing.spawn(_one_ddp_step, args=(2, port, b, out_path), nprocs=2)
+        combined = (torch.cat([b[0][0], b[1][0]]), torch.cat([b[0][1], b[1][1]]))
+        self.assert_same_weights(torch.load(out_path, weights_only=True), sgd_step_on([combined]))
+
+    def test_torchrun_with_two_cpu_processes_trains_and_saves_a_checkpoint_sample_py_reads(self):
+        r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                            os.path.join(HERE, 'gpt.py'), *self.train_args(max_iters=4, lr_decay_iters=4,
+                                                                         gradient_accumulation_steps=2)],
+                           capture_output=True, text=True, timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+        self.assertIn('x gradient_accumulation_steps 2 x 2 processes', r.stdout)
+        self.assertEqual(r.stdout.count('done: best val loss'), 1)  # only process 0 reports
+        r = run('sample.py', f'--out_dir={self.dir}/out', '--start=Sing', '--num_samples=1', '--max_new_tokens=5')
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertTrue(r.stdout.startswith('Sing'))
 
 
 class TestWatchingTraining(DataDirTest):
