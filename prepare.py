@@ -25,7 +25,7 @@ vocab_size = 1024  # for bpe: 256 byte values + (vocab_size - 256) learned merge
 
 SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 MIN_CHARS = 100  # below this the 10% val split is too small to mean anything
-CHUNK = 1 << 24  # characters read at a time
+CHUNK = 1 << 22  # characters read at a time: memory stays bounded whatever the size of the file
 
 
 def download_shakespeare(path):
@@ -41,11 +41,18 @@ def download_shakespeare(path):
     os.replace(path + '.tmp', path)
 
 
-def read_chunks(path):
-    """The text of `path`, CHUNK characters at a time, decoded as strict UTF-8 (line endings kept)."""
+def read_chunks(path, progress=''):
+    """The text of `path`, CHUNK characters at a time, decoded as strict UTF-8 (line endings kept).
+    For a file of several chunks, `progress` names the pass in a line that counts the characters read."""
+    done = 0
     with open(path, encoding='utf-8', newline='') as f:
         while chunk := f.read(CHUNK):
             yield chunk
+            done += len(chunk)
+            if progress and done > CHUNK:
+                print(f"\r{progress}: {done:,} characters", end='', flush=True)
+    if progress and done > CHUNK:
+        print()
 
 
 def train_bpe(ids, vocab_size):
@@ -79,7 +86,7 @@ def prepare(input_path, data_dir, tokenizer='char', vocab_size=1024):
         raise UserError(f"--vocab_size={vocab_size} must be between 257 and 65536 for bpe (256 bytes + merges)")
     chars, n = set(), 0
     try:
-        for chunk in read_chunks(input_path):  # pass 1: the vocabulary, and the length of the text
+        for chunk in read_chunks(input_path, 'pass 1 of 2, vocabulary'):  # and the length of the text
             chars.update(chunk)
             n += len(chunk)
     except UnicodeDecodeError as e:
@@ -105,7 +112,7 @@ def prepare(input_path, data_dir, tokenizer='char', vocab_size=1024):
         paths = {split: os.path.join(data_dir, f'{split}.bin') for split in ('train', 'val')}
         with open(paths['train'] + '.tmp', 'wb') as train, open(paths['val'] + '.tmp', 'wb') as val:
             done = 0
-            for chunk in read_chunks(input_path):  # pass 2: encode, the first 90% to train, the rest to val
+            for chunk in read_chunks(input_path, 'pass 2 of 2, encoding'):  # the first 90% to train, the rest to val
                 ids = lookup[np.frombuffer(chunk.encode('utf-32-le'), dtype=np.uint32)]
                 cut = min(max(n_train - done, 0), len(ids))
                 ids[:cut].tofile(train)

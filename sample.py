@@ -145,20 +145,23 @@ def main(argv):
         return
     generator = torch.Generator(device=dev).manual_seed(cfg['seed'])
     stream = cfg['num_samples'] == 1
+    shown = 0  # characters of a streamed sample printed so far
 
-    def show(idx):  # streaming: print each new character as it comes
-        sys.stdout.write(tokenizer.decode(idx[0, -1:].tolist()))
-        sys.stdout.flush()
+    def show(idx):  # streaming: print the new characters as they come
+        nonlocal shown
+        now = tokenizer.decode(idx[0].tolist())
+        if not now.endswith('\ufffd'):  # else wait: a BPE token may end inside a multi-byte character
+            sys.stdout.write(now[shown:])
+            sys.stdout.flush()
+            shown = len(now)
 
-    if stream:
-        sys.stdout.write(text)
     out = sample(model, idx.repeat(cfg['num_samples'], 1), cfg['max_new_tokens'], cfg['temperature'],
                  cfg['top_k'], cfg['top_p'], cfg['repetition_penalty'], stop_ids, generator, show if stream else None)
     for i, row in enumerate(out.tolist()):
         sample_text = tokenizer.decode(row)
         if cfg['stop'] and cfg['stop'] in sample_text[len(text):]:
             sample_text = sample_text[:sample_text.index(cfg['stop'], len(text)) + len(cfg['stop'])]
-        print('\n' if stream else f"{'-' * 20} sample {i + 1}\n{sample_text}")
+        print(sample_text[shown:] if stream else f"{'-' * 20} sample {i + 1}\n{sample_text}")
 
 
 if __name__ == '__main__':

@@ -202,6 +202,9 @@ class TestBPE(DataDirTest):
         out = output_of(sample.main, [f"--out_dir={self.dir}/out", '--start=Zebras über 🙂', '--num_samples=2',
                                       '--max_new_tokens=10'])
         self.assertEqual(out.count('Zebras über 🙂'), 2)
+        out = output_of(sample.main, [f"--out_dir={self.dir}/out", '--start=Zebras über 🙂', '--num_samples=1',
+                                      '--max_new_tokens=10'])
+        self.assertTrue(out.startswith('Zebras über 🙂'), out)
 
 
 class TestModel(unittest.TestCase):
