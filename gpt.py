@@ -1,5 +1,6 @@
 """
-The reference GPT: a character-level transformer language model, trained from scratch, in one file.
+The reference GPT: a transformer language model over characters (or byte-level BPE tokens), trained
+from scratch, in one file.
 
 Read it top to bottom, it is written in that order:
 config -> tokenizer -> data -> model -> evaluation -> checkpoints -> training -> entry point.
@@ -74,7 +75,7 @@ class UserError(Exception):
     """A mistake the user can fix (a setting, a missing file): printed as one line, exit code 2."""
 
 
-def parse_bool(text):
+def boolean(text):  # argparse names this function in its errors: "invalid boolean value: 'maybe'"
     if text.lower() in ('true', '1'):
         return True
     if text.lower() in ('false', '0'):
@@ -104,7 +105,7 @@ def parse_args(argv, defaults, source, choices={}):
     parser = _Parser(description=f'Settings of {os.path.basename(source)}; pass them as --key=value.',
                      argument_default=argparse.SUPPRESS, allow_abbrev=False)
     for key, default in defaults.items():
-        kind = parse_bool if isinstance(default, bool) else type(default)
+        kind = boolean if isinstance(default, bool) else type(default)
         parser.add_argument(f'--{key}', type=kind, choices=choices.get(key), metavar=kind.__name__.upper(),
                             help=f"{comments.get(key, '')} (default: {default})")
     args, unknown = parser.parse_known_args(argv)
@@ -243,7 +244,7 @@ class Head(nn.Module):
         B, T, C = x.shape
         k = self.key(x)  # (B, T, hs): what each token offers
         q = self.query(x)  # (B, T, hs): what each token looks for
-        wei = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5  # (B, T, hs) @ (B, hs, T) -> (B, T, T)
+        wei = (q @ k.transpose(-2, -1)) * k.shape[-1] ** -0.5  # (B, T, hs) @ (B, hs, T) -> (B, T, T)
         wei = wei.masked_fill(self.tril[:T, :T] == 0, float('-inf'))  # a token may not look ahead
         wei = F.softmax(wei, dim=-1)  # (B, T, T): each row sums to 1
         wei = self.dropout(wei)
@@ -258,9 +259,9 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, n_embd, n_head, dropout):
         super().__init__()
         self.n_head = n_head
-        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)  # the key, query, value of all heads at once
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)  # the query, key, value of all heads at once
         self.proj = nn.Linear(n_embd, n_embd)  # mixes the heads' outputs back into the residual stream
-        self.dropout = dropout
+        self.dropout_p = dropout  # a probability here: the kernel applies the dropout itself
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x, cache=None):
@@ -275,7 +276,7 @@ class MultiHeadAttention(nn.Module):
         S = k.shape[2]
         mask = None if S == T else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+                                           dropout_p=self.dropout_p if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.proj(y))
 
@@ -409,11 +410,11 @@ class GPT(nn.Module):
 def eval_starts(split):
     n = (len(tokens(split)) - 1) // block_size  # non-overlapping windows that fit in the split
     k = min(n, eval_iters * batch_size)
-    return np.arange(k) * n // k * block_size  # k of those windows, spread evenly over the split
+    return (np.arange(k) * n // k) * block_size  # k of those windows, spread evenly over the split
 
 
 def autocast():
-    """Mixed precision on CUDA: matmuls run in bfloat16 (or float16), reductions stay in float32."""
+    """Mixed precision when dtype asks for it: matmuls in bfloat16 (or float16), reductions in float32."""
     return nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], getattr(torch, dtype))
 
 
@@ -550,11 +551,15 @@ def plot_losses(rows, path):
 
 
 def generate_text(model, tokenizer, n):
-    """n new tokens after a newline (token 0), with a fixed seed: the same text for the same weights."""
+    """n new tokens after a newline, with a fixed seed: the same text for the same weights."""
     was_training = model.training
     model.eval()
-    start = torch.zeros((1, 1), dtype=torch.long, device=device)
-    out = model.generate(start, n, generator=torch.Generator(device=device).manual_seed(seed))
+    try:
+        start = tokenizer.encode('\n')
+    except UserError:  # a text without newlines: start from its first character instead
+        start = [0]
+    out = model.generate(torch.tensor([start], device=device), n,
+                         generator=torch.Generator(device=device).manual_seed(seed))
     model.train(was_training)
     return tokenizer.decode(out[0].tolist())
 
@@ -594,15 +599,18 @@ rank, local_rank, world_size = 0, 0, 1
 def build(tokenizer, ckpt=None):
     """The model, its optimizer and loss scaler: new, or restored from a checkpoint to continue exactly."""
     torch.manual_seed(seed + rank)  # processes draw different batches; DDP copies process 0's initial weights
-    model_args = ckpt['model_args'] if ckpt else dict(vocab_size=tokenizer.vocab_size, block_size=block_size,
-                                                      n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout)
+    model_args = dict(vocab_size=tokenizer.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                      n_embd=n_embd, dropout=dropout)  # on resume, setup() made the shape that of the checkpoint
     model = GPT(GPTConfig(**model_args)).to(device)
     optimizer = configure_optimizer(model)
     scaler = torch.amp.GradScaler(enabled=dtype == 'float16')  # float16 needs loss scaling; bfloat16 does not
     if ckpt is not None:
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
+        for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0)):  # settings given now win
+            group.update(weight_decay=decay, betas=(beta1, beta2))
+        if ckpt['scaler'] and scaler.is_enabled():
+            scaler.load_state_dict(ckpt['scaler'])
         if rank < len(ckpt['rng']):  # the batches and dropout masks continue where they were
             torch.set_rng_state(ckpt['rng'][rank]['cpu'])
             if ckpt['rng'][rank]['cuda'] is not None and device.startswith('cuda'):
@@ -626,7 +634,8 @@ def compiled(model):
         return model
     try:
         fast = torch.compile(model)
-        fast(*batch_at('train', np.arange(batch_size)))  # compile now, so a failure shows here, not mid-run
+        with torch.random.fork_rng(devices=[device]), autocast():  # random numbers stay as they were
+            fast(*batch_at('train', np.arange(batch_size)))  # compile now, so a failure shows here, not mid-run
         return fast
     except Exception as e:
         print(f"warning: torch.compile cannot run here ({type(e).__name__}); training without it")
@@ -679,6 +688,10 @@ def train(ckpt=None):
               f"{f'resuming at iter {iter_num}' if ckpt else 'from scratch'}")
         write_log(rows)
     t_start = time.time() - (float(rows[-1]['elapsed_s']) if rows else 0.0)  # elapsed time counts across resumes
+    start_iter, it_log, t_log, t_shown, lossf = iter_num, iter_num, time.time(), 0.0, float('nan')
+    val_bpc = ckpt.get('val_bpc') if ckpt else None  # of the latest eval
+    tty = sys.stdout.isatty()
+    stop = []  # the signal that asked us to stop: we finish the current step, save, and exit
 
     def save(names):
         state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
@@ -702,17 +715,15 @@ def train(ckpt=None):
         return dt, f"{tokens_per_iter / dt:,.0f} tok/s, ETA {left // 60}m{left % 60:02d}s"
 
     def stopping():  # under DDP all processes must stop at the same step: they agree at each log step
-        if world_size == 1 or iter_num % log_interval:
-            return bool(stop) and world_size == 1
+        if world_size == 1:
+            return bool(stop)
+        if iter_num % log_interval:
+            return False
         flag = torch.tensor(float(bool(stop)), device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
 
-    tty = sys.stdout.isatty()
-    stop = []  # the signal that asked us to stop: we finish the current step, save, and exit
     handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
-    start_iter, it_log, t_log, t_shown, lossf = iter_num, iter_num, time.time(), 0.0, float('nan')
-    val_bpc = ckpt.get('val_bpc') if ckpt else None  # of the latest eval
     try:
         while True:
             if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num > start_iter or ckpt is None):
@@ -761,8 +772,10 @@ def train(ckpt=None):
         for s, handler in handlers.items():
             signal.signal(s, handler)
     if master:
-        print(f"done: best val loss {best_val_loss:.4f}, saved in {out_dir}/ckpt.pt. A sample:")
+        print(f"done: best val loss {best_val_loss:.4f}, saved in {out_dir}/ckpt.pt. A sample of the final weights:")
         print(generate_text(model, tokenizer, 500))
+    if world_size > 1:
+        dist.barrier()  # leave together: a process that tears down early can break the others' connections
     return best_val_loss
 
 
@@ -784,10 +797,10 @@ def check_config():
     cfg = globals()
     for key in ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'gradient_accumulation_steps', 'block_size', 'n_layer', 'n_head',
                 'n_embd', 'max_iters', 'lr_decay_iters', 'learning_rate'):
-        if cfg[key] <= 0:
+        if not cfg[key] > 0:  # written so that nan fails too
             raise UserError(f"--{key} must be positive, got {cfg[key]}")
     for key in ('warmup_iters', 'min_lr', 'weight_decay', 'grad_clip'):
-        if cfg[key] < 0:
+        if not 0 <= cfg[key] < math.inf:
             raise UserError(f"--{key} must be zero or more, got {cfg[key]}")
     if n_embd % n_head:
         raise UserError(f"--n_embd={n_embd} must be a multiple of --n_head={n_head}, e.g. "
@@ -795,9 +808,9 @@ def check_config():
     for key in ('dropout', 'beta1', 'beta2'):
         if not 0 <= cfg[key] < 1:
             raise UserError(f"--{key} must be in [0, 1), got {cfg[key]}")
-    if dtype == 'float16' and device == 'cpu':
-        raise UserError("--dtype=float16 needs a GPU; on the CPU use --dtype=float32 (or auto)")
-    if dtype == 'bfloat16' and device == 'cuda' and not torch.cuda.is_bf16_supported():
+    if dtype == 'float16' and not device.startswith('cuda'):
+        raise UserError(f"--dtype=float16 needs a CUDA GPU; on {device} use --dtype=float32 (or auto)")
+    if dtype == 'bfloat16' and device.startswith('cuda') and not torch.cuda.is_bf16_supported():
         raise UserError("--dtype=bfloat16 is not supported by this GPU; use --dtype=float16 (or auto)")
     last, best = os.path.join(out_dir, 'last.pt'), os.path.join(out_dir, 'ckpt.pt')
     if init_from == 'scratch' and (os.path.exists(last) or os.path.exists(best)):
@@ -823,6 +836,16 @@ def check_data():
         prepare = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prepare.py')
         if subprocess.run([sys.executable, prepare, f'--data_dir={data_dir}']).returncode:
             sys.exit(1)  # prepare.py has printed what went wrong
+    meta_path = os.path.join(data_dir, 'meta.json')
+    try:
+        with open(meta_path, encoding='utf-8') as f:
+            meta = json.load(f)
+        complete = (meta['train_tokens'], meta['val_tokens']) == (len(tokens('train')), len(tokens('val')))
+    except (OSError, ValueError, KeyError):
+        complete = False
+    if not complete:
+        raise UserError(f"--data_dir={data_dir} is incomplete (meta.json missing, unreadable or not matching the "
+                        f"token files, e.g. after an interrupted prepare.py); run prepare.py again")
     n_val = len(tokens('val'))
     if n_val <= block_size:
         raise UserError(f"--block_size={block_size} needs more than {block_size} tokens in the val split, which "
@@ -841,7 +864,7 @@ def setup(overrides):
             if key in overrides and overrides[key] != ckpt['model_args'][key]:
                 raise UserError(f"--{key}={overrides[key]} differs from the checkpoint's {ckpt['model_args'][key]}; "
                                 "a resumed run keeps its model's shape")
-        saved = {k: v for k, v in ckpt['config'].items() if k not in ('out_dir', 'init_from', 'device', 'dtype')}
+        saved = {k: v for k, v in ckpt['config'].items() if k in DEFAULTS and k not in ('out_dir', 'init_from', 'device', 'dtype')}
         globals().update({**saved, **overrides})  # the run's own settings, then what was given now
     device = pick_device(device)
     if 'RANK' in os.environ:  # started by torchrun: one process per device, NCCL between GPUs, gloo between CPUs

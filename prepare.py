@@ -60,10 +60,10 @@ def train_bpe(ids, vocab_size):
     neighbouring ids becomes a new id. Returns the merges and the train text's final ids."""
     merges = []
     for new_id in range(256, vocab_size):
-        counts = np.bincount(ids[:-1].astype(np.int64) * vocab_size + ids[1:])  # pair (a, b) -> a * V + b
+        counts = np.bincount(ids[:-1].astype(np.int64) * new_id + ids[1:])  # pair (a, b) -> a * new_id + b
         if counts.max() < 2:  # no pair repeats: more merges would not shorten the text
             break
-        pair = divmod(int(counts.argmax()), vocab_size)
+        pair = divmod(int(counts.argmax()), new_id)
         ids = merge(ids, pair, new_id)
         merges.append(pair)
         if len(merges) % 128 == 0:
@@ -82,8 +82,8 @@ def prepare(input_path, data_dir, tokenizer='char', vocab_size=1024):
     """Write train.bin, val.bin and meta.json for the text in input_path; returns the meta dict."""
     if not os.path.isfile(input_path):
         raise UserError(f"--input={input_path} does not exist; pass the path of a UTF-8 text file")
-    if tokenizer == 'bpe' and not 256 < vocab_size <= 65536:
-        raise UserError(f"--vocab_size={vocab_size} must be between 257 and 65536 for bpe (256 bytes + merges)")
+    if tokenizer == 'bpe' and not 256 < vocab_size <= 8192:  # counting pairs takes vocab_size**2 counters
+        raise UserError(f"--vocab_size={vocab_size} must be between 257 and 8192 for bpe (256 bytes + merges)")
     chars, n = set(), 0
     try:
         for chunk in read_chunks(input_path, 'pass 1 of 2, vocabulary'):  # and the length of the text
@@ -98,6 +98,9 @@ def prepare(input_path, data_dir, tokenizer='char', vocab_size=1024):
         raise UserError(f"{input_path} has {len(chars)} distinct characters; uint16 token ids allow at most 65535; "
                         "use --tokenizer=bpe")
     os.makedirs(data_dir, exist_ok=True)
+    meta_path = os.path.join(data_dir, 'meta.json')
+    if os.path.exists(meta_path):  # until the new one is written, the folder is marked incomplete
+        os.remove(meta_path)
     n_train = int(n * 0.9)  # characters in the train split
     if tokenizer == 'bpe':
         text = ''.join(read_chunks(input_path))
@@ -123,8 +126,9 @@ def prepare(input_path, data_dir, tokenizer='char', vocab_size=1024):
     sizes = {split: os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // 2 for split in ('train', 'val')}
     meta = {'tokenizer': tok.meta(), 'vocab_size': tok.vocab_size, 'source': input_path,
             'train_tokens': sizes['train'], 'val_tokens': sizes['val'], 'train_chars': n_train, 'val_chars': n - n_train}
-    with open(os.path.join(data_dir, 'meta.json'), 'w', encoding='utf-8') as f:
+    with open(meta_path + '.tmp', 'w', encoding='utf-8') as f:
         json.dump(meta, f, ensure_ascii=False, indent=1)
+    os.replace(meta_path + '.tmp', meta_path)
     print(f"{input_path}: {n:,} characters, {tokenizer} vocabulary of {tok.vocab_size}; wrote {sizes['train']:,} "
           f"train and {sizes['val']:,} val tokens to {data_dir}/")
     return meta

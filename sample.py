@@ -14,7 +14,7 @@ import sys
 import torch
 from torch.nn import functional as F
 
-from gpt import KVCache, UserError, load_model, parse_args, pick_device, run_cli
+from gpt import CHOICES, KVCache, UserError, load_model, parse_args, pick_device, run_cli
 
 out_dir = 'out'  # the training run to sample from; its ckpt.pt holds the weights with the best val loss
 start = '\n'  # the text every sample continues; FILE:path reads it from a file
@@ -53,16 +53,16 @@ def filter_logits(logits, idx, temperature, top_k, top_p, repetition_penalty):
 
 @torch.no_grad()
 def sample(model, idx, max_new_tokens, temperature=1.0, top_k=200, top_p=1.0, repetition_penalty=1.0,
-           stop_ids=None, generator=None, on_token=None):
-    """Extend each row of idx (B, T); temperature=0 is greedy. A row whose newest tokens equal stop_ids is
-    finished: it gets no more tokens (rows are padded with its last token and trimmed by the caller).
+           stopped=None, generator=None, on_token=None):
+    """Extend each row of idx (B, T); temperature=0 is greedy. stopped(idx) -> (B,) bools says which rows
+    are finished: they get no more tokens (only their last one repeated, for the caller to trim).
     on_token(idx) is called after every step, for streaming."""
     cache = KVCache(len(model.blocks))
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # (B,)
     for _ in range(max_new_tokens):
         logits = model.next_logits(idx, cache).float()  # (B, V)
-        if temperature == 0:
-            idx_next = logits.argmax(dim=-1)  # (B,)
+        if temperature == 0:  # greedy, after the repetition penalty
+            idx_next = filter_logits(logits, idx, 1.0, logits.shape[-1], 1.0, repetition_penalty).argmax(dim=-1)  # (B,)
         else:
             probs = F.softmax(filter_logits(logits, idx, temperature, top_k, top_p, repetition_penalty), dim=-1)
             idx_next = torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
@@ -70,17 +70,19 @@ def sample(model, idx, max_new_tokens, temperature=1.0, top_k=200, top_p=1.0, re
         idx = torch.cat((idx, idx_next[:, None]), dim=1)  # (B, T + 1)
         if on_token:
             on_token(idx)
-        if stop_ids:
-            done |= (idx[:, -len(stop_ids):] == torch.tensor(stop_ids, device=idx.device)).all(dim=1)
+        if stopped is not None:
+            done |= stopped(idx)
             if done.all():
                 break
     return idx
 
 
 @torch.no_grad()
-def beam_search(model, idx, max_new_tokens, beams, length_penalty=1.0, stop_ids=None):
+def beam_search(model, idx, max_new_tokens, beams, length_penalty=1.0, stopped=None):
     """The continuation of idx (1, T) with the highest log-probability, keeping the `beams` best partial
-    texts at every step. Finished texts (ending in stop_ids) are ranked by logprob / length**length_penalty."""
+    texts at every step. Texts that stopped(idx) calls finished are ranked by logprob / length**length_penalty."""
+    if max_new_tokens == 0:
+        return idx
     cache = KVCache(len(model.blocks))
     scores = torch.zeros(1, device=idx.device)  # (b,): total log-probability of each beam
     finished = []  # (normalized score, tokens)
@@ -92,8 +94,8 @@ def beam_search(model, idx, max_new_tokens, beams, length_penalty=1.0, stop_ids=
         idx = torch.cat((idx[parent], token[:, None]), dim=1)  # (b, T + step)
         for layer in cache.layers:  # each beam's cache rows follow the beam it grew from
             layer[:] = [t[parent] for t in layer]
-        if stop_ids:
-            ended = (idx[:, -len(stop_ids):] == torch.tensor(stop_ids, device=idx.device)).all(dim=1)
+        if stopped is not None:
+            ended = stopped(idx)
             finished += [(s.item() / step ** length_penalty, row) for s, row in zip(scores[ended], idx[ended])]
             scores = scores.masked_fill(ended, float('-inf'))  # a finished beam grows no further
             if not torch.isfinite(scores).any():
@@ -121,7 +123,7 @@ def check(cfg, given):
 
 
 def main(argv):
-    given = parse_args(argv, DEFAULTS, __file__)
+    given = parse_args(argv, DEFAULTS, __file__, {'device': CHOICES['device']})
     cfg = {**DEFAULTS, **given}
     check(cfg, given)
     text = cfg['start']
@@ -136,12 +138,20 @@ def main(argv):
         raise UserError("--start is empty; give at least one character to continue, e.g. --start=\"\\n\"")
     dev = pick_device(cfg['device'])
     model, tokenizer = load_model(cfg['out_dir'], dev)
-    prompt = tokenizer.encode(text)
-    stop_ids = tokenizer.encode(cfg['stop']) if cfg['stop'] else None
-    idx = torch.tensor([prompt], dtype=torch.long, device=dev)
+    idx = torch.tensor([tokenizer.encode(text)], dtype=torch.long, device=dev)
+    stop = cfg['stop']
+
+    def until_stop(ids):  # a sample's text, ending with the first stop text after the start (kept)
+        sample_text = tokenizer.decode(ids)
+        at = sample_text.find(stop, len(text)) if stop else -1
+        return sample_text if at < 0 else sample_text[:at + len(stop)]
+
+    def stopped(idx):  # on decoded text: with BPE the stop text may fall across token boundaries any way
+        return torch.tensor([stop in tokenizer.decode(row)[len(text):] for row in idx.tolist()], device=idx.device)
+
     if cfg['beams'] > 1:
-        out = beam_search(model, idx, cfg['max_new_tokens'], cfg['beams'], cfg['length_penalty'], stop_ids)
-        print(tokenizer.decode(out[0].tolist()))
+        out = beam_search(model, idx, cfg['max_new_tokens'], cfg['beams'], cfg['length_penalty'], stopped if stop else None)
+        print(until_stop(out[0].tolist()))
         return
     generator = torch.Generator(device=dev).manual_seed(cfg['seed'])
     stream = cfg['num_samples'] == 1
@@ -149,19 +159,17 @@ def main(argv):
 
     def show(idx):  # streaming: print the new characters as they come
         nonlocal shown
-        now = tokenizer.decode(idx[0].tolist())
+        now = until_stop(idx[0].tolist())
         if not now.endswith('\ufffd'):  # else wait: a BPE token may end inside a multi-byte character
             sys.stdout.write(now[shown:])
             sys.stdout.flush()
             shown = len(now)
 
     out = sample(model, idx.repeat(cfg['num_samples'], 1), cfg['max_new_tokens'], cfg['temperature'],
-                 cfg['top_k'], cfg['top_p'], cfg['repetition_penalty'], stop_ids, generator, show if stream else None)
+                 cfg['top_k'], cfg['top_p'], cfg['repetition_penalty'], stopped if stop else None, generator,
+                 show if stream else None)
     for i, row in enumerate(out.tolist()):
-        sample_text = tokenizer.decode(row)
-        if cfg['stop'] and cfg['stop'] in sample_text[len(text):]:
-            sample_text = sample_text[:sample_text.index(cfg['stop'], len(text)) + len(cfg['stop'])]
-        print(sample_text[shown:] if stream else f"{'-' * 20} sample {i + 1}\n{sample_text}")
+        print(until_stop(row)[shown:] if stream else f"{'-' * 20} sample {i + 1}\n{until_stop(row)}")
 
 
 if __name__ == '__main__':

@@ -126,6 +126,16 @@ class TestTokenizerAndData(DataDirTest):
         self.assertEqual(tok.decode(val.tolist()), TEXT[n_train:])
         self.assertEqual((self.meta['train_tokens'], self.meta['val_tokens']), (len(train), len(val)))
 
+    def test_offline_prepare_says_how_to_get_tiny_shakespeare(self):
+        cwd = os.getcwd()
+        os.chdir(self.dir)
+        self.addCleanup(os.chdir, cwd)
+        os.remove('input.txt')
+        with mock.patch.object(prepare.urllib.request, 'urlopen', side_effect=OSError('no network')), \
+                self.assertRaisesRegex(gpt.UserError, r'download failed .* save https://\S+ as input.txt by hand'):
+            quiet(prepare.main, [])
+        self.assertFalse(os.path.exists('input.txt'))
+
     def test_prepare_reads_in_chunks_with_the_same_result(self):
         with mock.patch.object(prepare, 'CHUNK', 7):
             quiet(prepare.prepare, self.input, os.path.join(self.dir, 'chunked'))
@@ -205,6 +215,13 @@ class TestBPE(DataDirTest):
         out = output_of(sample.main, [f"--out_dir={self.dir}/out", '--start=Zebras über 🙂', '--num_samples=1',
                                       '--max_new_tokens=10'])
         self.assertTrue(out.startswith('Zebras über 🙂'), out)
+        for stream in ('1', '3'):  # the stop text ends each sample, wherever BPE cut it into tokens
+            out = output_of(sample.main, [f"--out_dir={self.dir}/out", '--start=Zebras', '--stop=e', '--num_samples=' + stream,
+                                          '--max_new_tokens=80', '--temperature=2'])
+            for text in out.split('-' * 20 + ' sample ')[1:] if stream == '3' else [out]:
+                generated = text.split('Zebras', 1)[1].rstrip('\n')
+                self.assertEqual(generated.count('e'), 1, generated)
+                self.assertTrue(generated.endswith('e'), generated)
 
 
 class TestModel(unittest.TestCase):
@@ -238,6 +255,23 @@ class TestModel(unittest.TestCase):
         x = torch.randn(2, T, n_embd)
         explicit = mha.proj(torch.cat([head(x) for head in heads], dim=-1))
         self.assertTrue(torch.allclose(mha(x), explicit, atol=1e-5))
+
+    def test_fused_adamw_takes_the_same_steps_as_the_plain_one(self):
+        weights = []
+        for fused in (True, False):
+            model = tiny_model().train()
+            with mock.patch.multiple(gpt, device='cpu', learning_rate=1e-2, weight_decay=0.1, beta1=0.9, beta2=0.99):
+                opt = gpt.configure_optimizer(model)
+            for group in opt.param_groups:
+                group['fused'], group['foreach'] = fused, False
+            for step in range(3):
+                idx = torch.randint(11, (4, 8), generator=torch.Generator().manual_seed(step))
+                model(idx, idx)[1].backward()
+                opt.step()
+                opt.zero_grad()
+            weights.append(model.state_dict())
+        for key in weights[0]:
+            self.assertTrue(torch.allclose(weights[0][key], weights[1][key], atol=1e-6), key)
 
     def test_lm_head_is_tied_to_token_embedding_and_residual_projections_are_scaled(self):
         model = tiny_model(n_layer=8, n_embd=64)
@@ -346,7 +380,8 @@ class TestGeneration(unittest.TestCase):
         free = sample.sample(model, idx, 40, temperature=0)
         stop = free[0, 10:12].tolist()  # two tokens the free run produces
         first = next(i for i in range(1, 41) if free[0, i - 1:i + 1].tolist() == stop)
-        stopped = sample.sample(model, idx, 40, temperature=0, stop_ids=stop)
+        stopped = sample.sample(model, idx, 40, temperature=0,
+                                stopped=lambda ids: (ids[:, -2:] == torch.tensor(stop)).all(dim=1))
         self.assertEqual(stopped.shape[1], first + 1)
         self.assertEqual(stopped[0, -2:].tolist(), stop)
 
@@ -538,6 +573,8 @@ class TestReliability(DataDirTest):
             with open(f'{d}/{name}', 'wb') as f:
                 f.write(data)
         quiet(prepare.prepare, f'{d}/other.txt', f'{d}/other_data')
+        quiet(prepare.prepare, self.input, f'{d}/no_meta')
+        os.remove(f'{d}/no_meta/meta.json')
         train = self.train_args(out='new')
         cases = [  # (script, arguments, words the one-line error must contain)
             ('gpt.py', train + ['--n_embd=30', '--n_head=4'], 'multiple of --n_head'),
@@ -550,7 +587,7 @@ class TestReliability(DataDirTest):
             ('gpt.py', train + ['--block_size=5000'], '--block_size=5000 needs more than'),
             *[('gpt.py', train + [f'--device={dev}'], 'not available') for dev, here in
               (('cuda', torch.cuda.is_available()), ('mps', torch.backends.mps.is_available())) if not here],
-            ('gpt.py', train + ['--dtype=float16'], '--dtype=float16 needs a GPU'),
+            ('gpt.py', train + ['--dtype=float16'], '--dtype=float16 needs a CUDA GPU'),
             ('gpt.py', train + [f'--out_dir={self.input}/sub'], 'cannot be created'),
             ('gpt.py', train + [f'--data_dir={d}/missing'], 'holds no train.bin'),
             ('gpt.py', train + ['--init_from=resume', f'--out_dir={d}/empty_out'], 'there is no'),
@@ -560,7 +597,7 @@ class TestReliability(DataDirTest):
             ('gpt.py', train + ['--init_from=resume', f'--out_dir={d}/broken'], 'not a readable checkpoint'),
             ('gpt.py', train + ['--n_layers=3'], 'did you mean --n_layer'),
             ('gpt.py', train + ['--n_layer=two'], "invalid int value: 'two'"),
-            ('gpt.py', train + ['--compile=maybe'], '--compile'),
+            ('gpt.py', train + ['--compile=maybe'], "--compile: invalid boolean value: 'maybe'"),
             ('gpt.py', train + ['--init_from=continue'], 'invalid choice'),
             ('prepare.py', [f'--input={d}/nope.txt', f'--data_dir={d}/x'], 'does not exist'),
             ('prepare.py', [f'--input={d}/empty.txt', f'--data_dir={d}/x'], 'has 0 characters'),
@@ -581,6 +618,9 @@ class TestReliability(DataDirTest):
             ('sample.py', [f'--out_dir={d}/run', '--max_new_tokens=-1'], '--max_new_tokens=-1 must be'),
             ('sample.py', [f'--out_dir={d}/run', '--num_samples=0'], '--num_samples=0 must be'),
             ('sample.py', [f'--out_dir={d}/run', '--beams=3', '--top_p=0.9'], 'drop --top_p'),
+            ('sample.py', [f'--out_dir={d}/run', '--device=gpu'], "invalid choice: 'gpu'"),
+            ('gpt.py', train + ['--learning_rate=nan'], '--learning_rate must be positive'),
+            ('gpt.py', train + [f'--data_dir={d}/no_meta'], 'is incomplete'),
         ]
         before = snapshot(d)
         with tempfile.TemporaryDirectory() as logs:
