@@ -268,6 +268,7 @@ class MultiHeadAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # cache: None in training; in generation this layer's list, empty at first, then [k, v] of all tokens so far
         if cache is not None:  # generation: prepend the keys and values of the tokens seen before
             if cache:
                 k, v = torch.cat((cache[0], k), dim=2), torch.cat((cache[1], v), dim=2)  # (B, nh, past+T, hs)
@@ -286,11 +287,12 @@ class FeedForward(nn.Module):
 
     def __init__(self, n_embd, dropout):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd),
-                                 nn.Dropout(dropout))
+        self.fc = nn.Linear(n_embd, 4 * n_embd)
+        self.proj = nn.Linear(4 * n_embd, n_embd)  # back into the residual stream
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.net(x)
+        return self.dropout(self.proj(F.gelu(self.fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
 
 
 class Block(nn.Module):
@@ -341,7 +343,7 @@ class GPT(nn.Module):
         # scaled by 1/sqrt(2 * n_layer), so the stream's variance does not grow with depth.
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith(('attn.proj.weight', 'ffwd.net.2.weight')):
+            if name.endswith('proj.weight'):  # attn.proj and ffwd.proj
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
@@ -368,7 +370,7 @@ class GPT(nn.Module):
         them; past that the window jumps forward by half a block at a time, so the model always sees
         between block_size/2 and block_size tokens and a KV cache is refilled only every block_size/2 steps."""
         block, hop = self.config.block_size, max(1, self.config.block_size // 2)
-        return 0 if T <= block else -(-(T - block) // hop) * hop
+        return 0 if T <= block else math.ceil((T - block) / hop) * hop  # the overflow, rounded up to a hop
 
     @torch.no_grad()
     def next_logits(self, idx, cache=None):
