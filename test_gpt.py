@@ -360,6 +360,26 @@ class TestGeneration(unittest.TestCase):
         kept = torch.softmax(sample.filter_logits(probs.log(), probs.long()[:, :0], 1.0, 100, 0.81, 1.0), -1)
         self.assertEqual((kept > 0).sum().item(), 3)
 
+    def test_temperature_sharpens_or_flattens_the_distribution(self):
+        logits = torch.tensor([[2.0, 1.0, 0.0]])
+        empty = logits.long()[:, :0]
+        for t in (0.5, 1.0, 2.0):
+            probs = torch.softmax(sample.filter_logits(logits, empty, t, 100, 1.0, 1.0), -1)
+            self.assertTrue(torch.allclose(probs, torch.softmax(logits / t, -1)))
+        cold, hot = (torch.softmax(sample.filter_logits(logits, empty, t, 100, 1.0, 1.0), -1)[0, 0] for t in (0.5, 2.0))
+        self.assertGreater(cold, hot)
+
+    def test_length_penalty_decides_between_finished_beams_of_different_lengths(self):
+        model = tiny_model(seed=4)
+        idx = torch.zeros((1, 1), dtype=torch.long)
+        stop_token = model.generate(idx, 1, temperature=0)[0, 1].item()
+
+        def ends(ids):  # a beam is finished once it produces the greedy first token again, after step 1
+            return (ids[:, 2:] == stop_token).any(dim=1)
+        lengths = {lp: sample.beam_search(model, idx, 12, beams=6, length_penalty=lp, stopped=ends).shape[1]
+                   for lp in (0.0, 3.0)}
+        self.assertLess(lengths[0.0], lengths[3.0])  # by total log-probability the shortest wins; / length**3, a long one
+
     def test_repetition_penalty_makes_seen_tokens_less_likely(self):
         logits = torch.tensor([[2.0, -1.0, 2.0, -1.0]])
         seen = torch.tensor([[0, 1]])
@@ -462,7 +482,10 @@ class TestCheckpointAndConfig(DataDirTest):
         self.assertEqual(len(samples), 2)
         for s in samples:
             self.assertTrue(s.split('\n', 1)[1].startswith('Sing the'))
-        r = run('sample.py', f'--out_dir={self.dir}/e2e', '--start=Sing the', '--num_samples=1', '--max_new_tokens=20')
+        with open(f'{self.dir}/prompt.txt', 'w', encoding='utf-8') as f:
+            f.write('Sing the')
+        r = run('sample.py', f'--out_dir={self.dir}/e2e', f'--start=FILE:{self.dir}/prompt.txt', '--num_samples=1',
+                '--max_new_tokens=20')
         self.assertTrue(r.stdout.startswith('Sing the') and len(r.stdout) > len('Sing the') + 10, r.stdout)
 
 
