@@ -107,7 +107,7 @@ def parse_args(argv, defaults, source, choices={}):
     for key, default in defaults.items():
         kind = boolean if isinstance(default, bool) else type(default)
         parser.add_argument(f'--{key}', type=kind, choices=choices.get(key), metavar=kind.__name__.upper(),
-                            help=f"{comments.get(key, '')} (default: {default})")
+                            help=f"{comments.get(key, '')} (default: {default!r})")
     args, unknown = parser.parse_known_args(argv)
     for arg in unknown:
         key = arg.split('=', 1)[0].lstrip('-')

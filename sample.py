@@ -135,7 +135,7 @@ def main(argv):
             raise UserError(f"--start={text} cannot be read ({getattr(e, 'strerror', None) or e}); "
                             "give the path of a UTF-8 text file") from None
     if not text:
-        raise UserError("--start is empty; give at least one character to continue, e.g. --start=\"\\n\"")
+        raise UserError("--start is empty; give at least one character to continue, e.g. --start=$'\\n' in bash")
     dev = pick_device(cfg['device'])
     model, tokenizer = load_model(cfg['out_dir'], dev)
     idx = torch.tensor([tokenizer.encode(text)], dtype=torch.long, device=dev)
