@@ -571,6 +571,16 @@ def write_sample(model, tokenizer, iter_num):
         f.write(f"--- iter {iter_num}\n{generate_text(model, tokenizer, 200)}\n")
 
 
+def trim_samples(iter_num):
+    """On resume, drop the samples written after the checkpoint (that training was lost), as in log.csv."""
+    path = os.path.join(out_dir, 'samples.txt')
+    if os.path.exists(path):
+        with open(path, encoding='utf-8') as f:
+            blocks = re.split(r'^(?=--- iter \d+$)', f.read(), flags=re.M)
+        with open(path, 'w', encoding='utf-8') as f:
+            f.writelines(b for b in blocks if b and int(b.split(None, 3)[2]) <= iter_num)
+
+
 # -----------------------------------------------------------------------------
 # Training.
 
@@ -689,6 +699,7 @@ def train(ckpt=None):
               f"gradient_accumulation_steps {gradient_accumulation_steps} x {world_size} processes; "
               f"{f'resuming at iter {iter_num}' if ckpt else 'from scratch'}")
         write_log(rows)
+        trim_samples(iter_num)
     t_start = time.time() - (float(rows[-1]['elapsed_s']) if rows else 0.0)  # elapsed time counts across resumes
     start_iter, it_log, t_log, t_shown, lossf = iter_num, iter_num, time.time(), 0.0, float('nan')
     val_bpc = ckpt.get('val_bpc') if ckpt else None  # of the latest eval

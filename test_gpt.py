@@ -737,6 +737,9 @@ class TestWatchingTraining(DataDirTest):
         quiet(gpt.main, self.train_args(max_iters=6))
         with open(os.path.join(self.dir, 'out', 'log.csv'), encoding='utf-8') as f:
             before = f.read()
+        for name, lost in (('log.csv', '9,99.0,2.0,,,0.001,1000\n'), ('samples.txt', '--- iter 9\nlost text\n')):
+            with open(os.path.join(self.dir, 'out', name), 'a', encoding='utf-8') as f:
+                f.write(lost)  # written by a run killed after last.pt: its training is lost on resume
         quiet(gpt.main, self.train_args() + ['--init_from=resume'])
         with open(os.path.join(self.dir, 'out', 'log.csv'), encoding='utf-8') as f:
             after = f.read()
@@ -746,6 +749,8 @@ class TestWatchingTraining(DataDirTest):
         evals = [int(r['iter']) for r in rows if r['val_loss'] != '']
         self.assertEqual((steps, evals), (list(range(1, 13)), [0, 6, 12]))
         self.assertEqual([float(r['elapsed_s']) for r in rows], sorted(float(r['elapsed_s']) for r in rows))
+        with open(os.path.join(self.dir, 'out', 'samples.txt'), encoding='utf-8') as f:
+            self.assertEqual(re.findall(r'^--- iter (\d+)$', f.read(), re.M), ['0', '6', '12'])
 
     def test_the_progress_line_is_printed_only_to_a_terminal(self):
         class Terminal(io.StringIO):
