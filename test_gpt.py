@@ -14,7 +14,6 @@ import pathlib
 import re
 import runpy
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -75,6 +74,8 @@ def run_many(cases, folder):
     ctx.set_forkserver_preload(['torch', 'gpt', 'prepare', 'sample'])
     results = []
     for i, (script, args) in enumerate(cases):
+        for suffix in ('.out', '.err'):  # exist even if the child dies before writing
+            open(os.path.join(folder, f'{i}{suffix}'), 'w').close()
         proc = ctx.Process(target=_as_main, args=(script, args, os.path.join(folder, str(i))))
         proc.start()
         proc.join(60)
@@ -566,8 +567,9 @@ class TestReliability(DataDirTest):
             proc = subprocess.Popen([sys.executable, '-u', os.path.join(HERE, 'gpt.py'),
                                      *self.train_args(out=sig.name, max_iters=100000, lr_decay_iters=100000)],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            while not proc.stdout.readline().startswith('iter 3/'):
-                pass
+            for line in proc.stdout:  # until training is under way (or the output ends: the asserts say why)
+                if line.startswith('iter 3/'):
+                    break
             proc.send_signal(sig)
             stdout, stderr = proc.communicate(timeout=60)
             self.assertEqual(proc.returncode, 128 + sig, stderr)
@@ -660,9 +662,9 @@ class TestReliability(DataDirTest):
 
 
 
-def _one_ddp_step(rank, world_size, port, batches, out_path):
+def _one_ddp_step(rank, world_size, rendezvous, batches, out_path):
     """A process of a 2-process DDP group (gloo, CPU): one SGD step with lr 1 on this rank's batch."""
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world_size)
+    dist.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world_size)
     model = tiny_model().train()  # the same seed: the same weights on every rank
     ddp = DDP(model)
     with mock.patch.multiple(gpt, get_batch=lambda split: batches[rank], grad_clip=0.0, dtype='float32',
@@ -700,11 +702,9 @@ class TestScalingUp(DataDirTest):
 
     def test_a_ddp_step_on_two_processes_equals_one_step_on_both_batches(self):
         b = self.batches(2)
-        with socket.socket() as s:
-            s.bind(('127.0.0.1', 0))
-            port = s.getsockname()[1]
         out_path = os.path.join(self.dir, 'ddp.pt')
-        torch.multiprocessing.spawn(_one_ddp_step, args=(2, port, b, out_path), nprocs=2)
+        rendezvous = os.path.join(self.dir, 'rendezvous')  # a file the processes meet through: no port to clash
+        torch.multiprocessing.spawn(_one_ddp_step, args=(2, rendezvous, b, out_path), nprocs=2)
         combined = (torch.cat([b[0][0], b[1][0]]), torch.cat([b[0][1], b[1][1]]))
         self.assert_same_weights(torch.load(out_path, weights_only=True), sgd_step_on([combined]))
 
