@@ -1,13 +1,10 @@
 """
-The reference GPT: a transformer language model over characters (or byte-level BPE tokens), trained
-from scratch, in one file.
+The reference GPT: a transformer language model over characters (or byte-level BPE tokens), trained from
+scratch, in one file. Read it top to bottom: config -> tokenizer -> data -> model -> evaluation ->
+checkpoints -> watching a run -> training -> entry point.
 
-Read it top to bottom, it is written in that order:
-config -> tokenizer -> data -> model -> evaluation -> checkpoints -> training -> entry point.
-
-    python gpt.py                           # a small model on the CPU in about 5 minutes
-    python gpt.py --n_layer=6 --device=cuda # any setting below can be overridden like this
-    python gpt.py --help                    # every setting with its default and meaning
+    python gpt.py                            # a small model on the CPU in about 5 minutes
+    python gpt.py --n_layer=6 --device=cuda  # override any setting below; --help lists them all
 """
 import argparse
 import csv
@@ -65,8 +62,7 @@ dtype = 'auto'  # 'auto' is bfloat16 on CUDA (float16 on older GPUs) and float32
 compile = True  # torch.compile the model on CUDA; CPU runs stay eager, where it does not pay
 seed = 1337  # seeds every random choice: same seed, same run
 
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
-DEFAULTS = {k: globals()[k] for k in config_keys}
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
 CHOICES = {'init_from': ('scratch', 'resume'), 'device': ('auto', 'cpu', 'cuda', 'mps'),
            'dtype': ('auto', 'float32', 'bfloat16', 'float16')}
 
@@ -76,11 +72,9 @@ class UserError(Exception):
 
 
 def boolean(text):  # argparse names this function in its errors: "invalid boolean value: 'maybe'"
-    if text.lower() in ('true', '1'):
-        return True
-    if text.lower() in ('false', '0'):
-        return False
-    raise ValueError(text)
+    if text.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(text)
+    return text.lower() in ('true', '1')
 
 
 class _Parser(argparse.ArgumentParser):
@@ -109,11 +103,9 @@ def parse_args(argv, defaults, source, choices={}):
         parser.add_argument(f'--{key}', type=kind, choices=choices.get(key), metavar=kind.__name__.upper(),
                             help=f"{comments.get(key, '')} (default: {default!r})")
     args, unknown = parser.parse_known_args(argv)
-    for arg in unknown:
-        key = arg.split('=', 1)[0].lstrip('-')
-        close = difflib.get_close_matches(key, defaults, n=1)
-        raise UserError(f"unknown setting '{arg}'" + (f"; did you mean --{close[0]}?" if close else
-                                                       "; see --help for the list"))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0].split('=', 1)[0].lstrip('-'), defaults, n=1)
+        raise UserError(f"unknown setting '{unknown[0]}'; " + (f"did you mean --{close[0]}?" if close else "see --help"))
     return vars(args)
 
 
@@ -136,9 +128,6 @@ class CharTokenizer:
 
     def decode(self, ids):
         return ''.join(self.vocab[i] for i in ids)
-
-    def meta(self):
-        return {'kind': 'char', 'vocab': self.vocab}
 
 
 def merge(ids, pair, new_id):
@@ -175,11 +164,8 @@ class BPETokenizer:
     def decode(self, ids):  # a cut through a multi-byte character decodes as U+FFFD instead of failing
         return b''.join(self.bytes[i] for i in ids).decode('utf-8', errors='replace')
 
-    def meta(self):
-        return {'kind': 'bpe', 'merges': [list(pair) for pair in self.merges]}
 
-
-def load_tokenizer(meta):
+def load_tokenizer(meta):  # meta: the 'tokenizer' entry of meta.json, also stored in every checkpoint
     return BPETokenizer(meta['merges']) if meta['kind'] == 'bpe' else CharTokenizer(meta['vocab'])
 
 
@@ -316,12 +302,10 @@ class KVCache:
     token alone. `start` is where in the text the cached window begins."""
 
     def __init__(self, n_layer):
-        self.n_layer = n_layer
-        self.reset(start=0)
+        self.layers, self.start = [[] for _ in range(n_layer)], 0  # each layer's list becomes [k, v], (B, nh, L, hs) each
 
-    def reset(self, start):
-        self.layers = [[] for _ in range(self.n_layer)]  # each becomes [k, v], (B, nh, length, hs) each
-        self.start = start
+    def reset(self, start):  # the window moved: start over
+        self.layers, self.start = [[] for _ in self.layers], start
 
     def __len__(self):
         return self.layers[0][0].shape[2] if self.layers[0] else 0
@@ -496,20 +480,25 @@ def load_model(path, device='cpu'):
 LOG_FIELDS = ('iter', 'elapsed_s', 'train_loss', 'val_loss', 'val_bpc', 'lr', 'tokens_per_s')
 
 
-def read_log():
-    path = os.path.join(out_dir, 'log.csv')
-    if not os.path.exists(path):
-        return []
-    with open(path, newline='', encoding='utf-8') as f:
-        return list(csv.DictReader(f))
-
-
-def write_log(rows):
-    with open(os.path.join(out_dir, 'log.csv') + '.tmp', 'w', newline='', encoding='utf-8') as f:
+def start_logs(resumed_at=None):
+    """Start log.csv and samples.txt afresh, or on resume keep them up to the checkpoint's iteration: what
+    a run wrote after its last checkpoint belongs to training that was lost. Returns the rows of log.csv."""
+    log, samples = os.path.join(out_dir, 'log.csv'), os.path.join(out_dir, 'samples.txt')
+    rows, blocks = [], []
+    if resumed_at is not None and os.path.exists(log):
+        with open(log, newline='', encoding='utf-8') as f:
+            rows = [r for r in csv.DictReader(f) if int(r['iter']) <= resumed_at]
+    if resumed_at is not None and os.path.exists(samples):
+        with open(samples, encoding='utf-8') as f:  # blocks that begin "--- iter N"
+            blocks = [b for b in re.split(r'^(?=--- iter \d+$)', f.read(), flags=re.M) if b and int(b.split()[2]) <= resumed_at]
+    with open(log + '.tmp', 'w', newline='', encoding='utf-8') as f:
         writer = csv.DictWriter(f, LOG_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(os.path.join(out_dir, 'log.csv') + '.tmp', os.path.join(out_dir, 'log.csv'))
+    os.replace(log + '.tmp', log)
+    with open(samples, 'w', encoding='utf-8') as f:
+        f.writelines(blocks)
+    return rows
 
 
 def append_log(rows, **row):
@@ -569,16 +558,6 @@ def generate_text(model, tokenizer, n):
 def write_sample(model, tokenizer, iter_num):
     with open(os.path.join(out_dir, 'samples.txt'), 'a', encoding='utf-8') as f:
         f.write(f"--- iter {iter_num}\n{generate_text(model, tokenizer, 200)}\n")
-
-
-def trim_samples(iter_num):
-    """On resume, drop the samples written after the checkpoint (that training was lost), as in log.csv."""
-    path = os.path.join(out_dir, 'samples.txt')
-    if os.path.exists(path):
-        with open(path, encoding='utf-8') as f:
-            blocks = re.split(r'^(?=--- iter \d+$)', f.read(), flags=re.M)
-        with open(path, 'w', encoding='utf-8') as f:
-            f.writelines(b for b in blocks if b and int(b.split(None, 3)[2]) <= iter_num)
 
 
 # -----------------------------------------------------------------------------
@@ -682,34 +661,28 @@ def train(ckpt=None):
     """The training loop. `ckpt` is the checkpoint a resumed run continues from."""
     meta = read_meta()
     tokenizer = load_tokenizer(meta['tokenizer'])
-    if ckpt is not None and ckpt['tokenizer'] != tokenizer.meta():
-        raise UserError(f"the checkpoint in {out_dir} was trained on another vocabulary than {data_dir}/meta.json; "
-                        "resume with the --data_dir it was trained on")
     model, optimizer, scaler = build(tokenizer, ckpt)
     step_model = compiled(model)
     if world_size > 1:
         step_model = DDP(step_model, device_ids=[local_rank] if device.startswith('cuda') else None)
     master = rank == 0  # the one process that evaluates, prints and writes files
-    iter_num, best_val_loss = (ckpt['iter_num'], ckpt['best_val_loss']) if ckpt else (0, float('inf'))
+    iter_num, best_val_loss, val_bpc = (ckpt['iter_num'], ckpt['best_val_loss'], ckpt['val_bpc']) if ckpt else (0, math.inf, None)
     tokens_per_iter = batch_size * block_size * gradient_accumulation_steps * world_size
-    rows = [r for r in read_log() if int(r['iter']) <= iter_num] if ckpt else []  # rows past last.pt were lost
+    rows = start_logs(iter_num if ckpt else None) if master else []
     if master:
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} in {dtype}; "
               f"{tokens_per_iter:,} tokens per iteration = batch_size {batch_size} x block_size {block_size} x "
               f"gradient_accumulation_steps {gradient_accumulation_steps} x {world_size} processes; "
               f"{f'resuming at iter {iter_num}' if ckpt else 'from scratch'}")
-        write_log(rows)
-        trim_samples(iter_num)
     t_start = time.time() - (float(rows[-1]['elapsed_s']) if rows else 0.0)  # elapsed time counts across resumes
     start_iter, it_log, t_log, t_shown, lossf = iter_num, iter_num, time.time(), 0.0, float('nan')
-    val_bpc = ckpt.get('val_bpc') if ckpt else None  # of the latest eval
     tty = sys.stdout.isatty()
     stop = []  # the signal that asked us to stop: we finish the current step, save, and exit
 
     def save(names):
         state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-                 'model_args': asdict(model.config), 'config': {k: globals()[k] for k in config_keys},
-                 'tokenizer': tokenizer.meta(), 'iter_num': iter_num, 'best_val_loss': best_val_loss,
+                 'model_args': asdict(model.config), 'config': {k: globals()[k] for k in DEFAULTS},
+                 'tokenizer': meta['tokenizer'], 'iter_num': iter_num, 'best_val_loss': best_val_loss,
                  'val_bpc': val_bpc, 'rng': rng_states()}  # every process takes part in gathering the states
         for name in names if master else ():
             save_checkpoint(state, os.path.join(out_dir, name))
@@ -808,19 +781,19 @@ def pick_device(name):
 def check_config():
     """Catch bad settings before any work starts: one line each, naming the key and the fix."""
     cfg = globals()
-    for key in ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'gradient_accumulation_steps', 'block_size', 'n_layer', 'n_head',
-                'n_embd', 'max_iters', 'lr_decay_iters', 'learning_rate'):
-        if not cfg[key] > 0:  # written so that nan fails too
+    for key in ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'gradient_accumulation_steps', 'block_size',
+                'n_layer', 'n_head', 'n_embd', 'max_iters', 'lr_decay_iters', 'learning_rate'):
+        if not 0 < cfg[key] < math.inf:  # written so that nan fails too
             raise UserError(f"--{key} must be positive, got {cfg[key]}")
     for key in ('warmup_iters', 'min_lr', 'weight_decay', 'grad_clip'):
         if not 0 <= cfg[key] < math.inf:
             raise UserError(f"--{key} must be zero or more, got {cfg[key]}")
-    if n_embd % n_head:
-        raise UserError(f"--n_embd={n_embd} must be a multiple of --n_head={n_head}, e.g. "
-                        f"--n_embd={max(1, round(n_embd / n_head)) * n_head}")
     for key in ('dropout', 'beta1', 'beta2'):
         if not 0 <= cfg[key] < 1:
             raise UserError(f"--{key} must be in [0, 1), got {cfg[key]}")
+    if n_embd % n_head:
+        raise UserError(f"--n_embd={n_embd} must be a multiple of --n_head={n_head}, e.g. "
+                        f"--n_embd={max(1, round(n_embd / n_head)) * n_head}")
     if dtype == 'float16' and not device.startswith('cuda'):
         raise UserError(f"--dtype=float16 needs a CUDA GPU; on {device} use --dtype=float32 (or auto)")
     if dtype == 'bfloat16' and device.startswith('cuda') and not torch.cuda.is_bf16_supported():
@@ -849,10 +822,8 @@ def check_data():
         prepare = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prepare.py')
         if subprocess.run([sys.executable, prepare, f'--data_dir={data_dir}']).returncode:
             sys.exit(1)  # prepare.py has printed what went wrong
-    meta_path = os.path.join(data_dir, 'meta.json')
     try:
-        with open(meta_path, encoding='utf-8') as f:
-            meta = json.load(f)
+        meta = read_meta()
         complete = (meta['train_tokens'], meta['val_tokens']) == (len(tokens('train')), len(tokens('val')))
     except (OSError, ValueError, KeyError):
         complete = False
@@ -890,6 +861,9 @@ def setup(overrides):
         dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device.startswith('cuda') else 'float32'
     check_config()
     check_data()
+    if ckpt is not None and ckpt['tokenizer'] != read_meta()['tokenizer']:
+        raise UserError(f"the checkpoint in {out_dir} was trained on another vocabulary than {data_dir}/meta.json; "
+                        "resume with the --data_dir it was trained on")
     if device.startswith('cuda'):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for any float32 matmul left
         torch.backends.cudnn.allow_tf32 = True

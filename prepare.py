@@ -106,10 +106,11 @@ def prepare(input_path, data_dir, tokenizer='char', vocab_size=1024):
         text = ''.join(read_chunks(input_path))
         train_bytes = np.frombuffer(text[:n_train].encode('utf-8'), dtype=np.uint8).astype(np.int32)
         merges, train_ids = train_bpe(train_bytes, vocab_size)
-        tok = BPETokenizer(merges)
+        tok, tok_meta = BPETokenizer(merges), {'kind': 'bpe', 'merges': [list(pair) for pair in merges]}
         write_split(data_dir, train_ids, tok.encode(text[n_train:]))
     else:
         tok = CharTokenizer(sorted(chars))
+        tok_meta = {'kind': 'char', 'vocab': tok.vocab}
         lookup = np.zeros(ord(tok.vocab[-1]) + 1, dtype=np.uint16)  # code point -> token id
         lookup[[ord(ch) for ch in tok.vocab]] = np.arange(tok.vocab_size)
         paths = {split: os.path.join(data_dir, f'{split}.bin') for split in ('train', 'val')}
@@ -124,7 +125,7 @@ def prepare(input_path, data_dir, tokenizer='char', vocab_size=1024):
         for path in paths.values():
             os.replace(path + '.tmp', path)
     sizes = {split: os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // 2 for split in ('train', 'val')}
-    meta = {'tokenizer': tok.meta(), 'vocab_size': tok.vocab_size, 'source': input_path,
+    meta = {'tokenizer': tok_meta, 'vocab_size': tok.vocab_size, 'source': input_path,
             'train_tokens': sizes['train'], 'val_tokens': sizes['val'], 'train_chars': n_train, 'val_chars': n - n_train}
     with open(meta_path + '.tmp', 'w', encoding='utf-8') as f:
         json.dump(meta, f, ensure_ascii=False, indent=1)

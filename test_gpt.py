@@ -460,7 +460,7 @@ class TestCheckpointAndConfig(DataDirTest):
 
     def test_help_lists_every_key_with_default_and_meaning(self):
         out = run('gpt.py', '--help').stdout
-        for key in gpt.config_keys:
+        for key in gpt.DEFAULTS:
             self.assertIn(f'--{key}', out)
         self.assertIn('how many independent sequences', out)
         self.assertIn('(default: 1337)', out)
