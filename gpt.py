@@ -302,7 +302,7 @@ class KVCache:
     token alone. `start` is where in the text the cached window begins."""
 
     def __init__(self, n_layer):
-        self.layers, self.start = [[] for _ in range(n_layer)], 0  # each layer's list becomes [k, v], (B, nh, L, hs) each
+        self.layers, self.start = [[] for _ in range(n_layer)], 0  # each list becomes [k, v], (B, nh, L, hs) each
 
     def reset(self, start):  # the window moved: start over
         self.layers, self.start = [[] for _ in self.layers], start
@@ -489,8 +489,9 @@ def start_logs(resumed_at=None):
         with open(log, newline='', encoding='utf-8') as f:
             rows = [r for r in csv.DictReader(f) if int(r['iter']) <= resumed_at]
     if resumed_at is not None and os.path.exists(samples):
-        with open(samples, encoding='utf-8') as f:  # blocks that begin "--- iter N"
-            blocks = [b for b in re.split(r'^(?=--- iter \d+$)', f.read(), flags=re.M) if b and int(b.split()[2]) <= resumed_at]
+        with open(samples, encoding='utf-8') as f:
+            blocks = re.split(r'^(?=--- iter \d+$)', f.read(), flags=re.M)  # each begins "--- iter N"
+        blocks = [b for b in blocks if b and int(b.split()[2]) <= resumed_at]
     with open(log + '.tmp', 'w', newline='', encoding='utf-8') as f:
         writer = csv.DictWriter(f, LOG_FIELDS)
         writer.writeheader()
@@ -660,7 +661,9 @@ def train(ckpt=None):
     if world_size > 1:
         step_model = DDP(step_model, device_ids=[local_rank] if device.startswith('cuda') else None)
     master = rank == 0  # the one process that evaluates, prints and writes files
-    iter_num, best_val_loss, val_bpc = (ckpt['iter_num'], ckpt['best_val_loss'], ckpt['val_bpc']) if ckpt else (0, math.inf, None)
+    iter_num, best_val_loss, val_bpc = 0, math.inf, None  # val_bpc: of the latest eval
+    if ckpt:
+        iter_num, best_val_loss, val_bpc = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['val_bpc']
     tokens_per_iter = batch_size * block_size * gradient_accumulation_steps * world_size
     rows = start_logs(iter_num if ckpt else None) if master else []
     if master:
