@@ -5,16 +5,17 @@ Generate text from a trained checkpoint.
     python sample.py --start=FILE:prompt.txt --num_samples=1 --top_p=0.9
     python sample.py --start="ROMEO:" --beams=4           # beam search: the likeliest continuation
 
-Sampling goes: repetition penalty -> temperature -> top-k -> top-p (nucleus) -> draw. Each new token
-runs through the model alone, thanks to gpt.py's KV cache.
+Read top to bottom: the context window and its KV cache (each new token runs through the model alone) ->
+decoding (sampling, beam search) -> command line. Sampling goes: repetition penalty -> temperature -> top-k ->
+top-p (nucleus) -> draw.
 """
-import os
+import math
 import sys
 
 import torch
 from torch.nn import functional as F
 
-from gpt import CHOICES, KVCache, UserError, load_model, parse_args, pick_device, run_cli
+from gpt import UserError, load_model, parse_args, pick_device, run_cli
 
 out_dir = 'out'  # the training run to sample from; its ckpt.pt holds the weights with the best val loss
 start = '\n'  # the text every sample continues; FILE:path reads it from a file
@@ -30,9 +31,65 @@ length_penalty = 1.0  # beam search ranks finished beams by log-probability / le
 seed = 1337  # the same seed gives the same text
 device = 'auto'  # 'auto' picks cuda, then mps, then cpu
 
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
-DEFAULTS = {k: globals()[k] for k in config_keys}
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
 
+# -----------------------------------------------------------------------------
+# The context window and the KV cache. A token's keys and values depend only on the tokens before it
+# (attention is causal), so while the window stays put, those of earlier tokens never change: a cache keeps
+# them, and each new token runs through the model alone. Past block_size tokens the window jumps forward by
+# half a block; every position then shifts, and the cache is refilled from the new window in one forward.
+
+def window_start(T, block_size):
+    """Where the context window begins in a text of T tokens: 0 up to block_size tokens, then the overflow
+    rounded up to a half block, so the model sees between block_size/2 and block_size tokens."""
+    hop = max(1, block_size // 2)
+    return 0 if T <= block_size else math.ceil((T - block_size) / hop) * hop
+
+class KVCache:
+    """The keys and values of the first `length` tokens of the window, in every layer. GPT.forward reads
+    `length` (where the new tokens' positions start) and calls layers[i].append; next_logits advances it."""
+
+    def __init__(self, config):
+        self.layers = [LayerCache(self, config.block_size) for _ in range(config.n_layer)]
+        self.length = 0
+
+    def reorder(self, rows):  # beam search: new row b continues the text of old row rows[b]
+        for layer in self.layers:
+            layer.k, layer.v = layer.k.index_select(0, rows), layer.v.index_select(0, rows)
+
+class LayerCache:
+    """One layer's keys and values, in buffers of block_size slots written in place: no step copies the cache."""
+
+    def __init__(self, cache, block_size):
+        self.cache, self.block_size, self.k, self.v = cache, block_size, None, None
+
+    def append(self, k, v):
+        """Store the new tokens' k, v (B, nh, T, hs); return those of every token so far, (B, nh, length + T, hs)."""
+        if self.k is None:  # the first call tells the batch size, head size, dtype and device
+            B, nh, _, hs = k.shape
+            self.k, self.v = k.new_empty(B, nh, self.block_size, hs), v.new_empty(B, nh, self.block_size, hs)
+        past, now = self.cache.length, self.cache.length + k.shape[2]
+        self.k[:, :, past:now], self.v[:, :, past:now] = k, v
+        return self.k[:, :, :now], self.v[:, :, :now]  # views: nothing is copied
+
+@torch.inference_mode()  # no autograd bookkeeping; sample() makes ordinary tensors of the logits it gets
+def next_logits(model, idx, cache=None):
+    """Logits (B, V) for the token after idx (B, T), over idx's context window. Without a cache the whole
+    window runs through the model. With one, only the newest token does, if the cache holds every token of
+    the window before it; else (first call, the window moved) the cache is refilled with the whole window."""
+    start = window_start(idx.shape[1], model.config.block_size)
+    if cache is None:
+        return model(idx[:, start:])[0][:, -1]
+    if start + cache.length != idx.shape[1] - 1:  # the window moved (or a first call): refill it whole, as
+        cache.length = 0  # gpt.py's attention takes on a cache either a whole window or one new token
+    new = idx[:, start + cache.length:]  # (B, 1), or (B, T - start) to refill
+    logits = model(new, cache=cache)[0][:, -1]
+    cache.length += new.shape[1]
+    return logits
+
+# -----------------------------------------------------------------------------
+# Decoding: which token comes next, given the model's logits. Sampling draws one from a reshaped
+# distribution; beam search keeps the few likeliest texts and returns the best.
 
 def filter_logits(logits, idx, temperature, top_k, top_p, repetition_penalty):
     """Reshape the next-token logits (B, V) of texts idx (B, T): tokens the sampler may not pick get -inf."""
@@ -41,32 +98,31 @@ def filter_logits(logits, idx, temperature, top_k, top_p, repetition_penalty):
         penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
         logits = torch.where(seen, penalized, logits)
     logits = logits / temperature
-    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]  # (B, 1): the k-th largest logit
-    logits = logits.masked_fill(logits < kth, float('-inf'))
+    k = min(top_k, logits.shape[-1])
+    if k == logits.shape[-1] and top_p == 1.0:
+        return logits  # every token stays: no sort at all
+    values, order = torch.topk(logits, k)  # (B, k) each, likeliest first: a sort of k tokens, not of all V
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)  # (B, V)
-        probs = F.softmax(sorted_logits, dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p  # tokens after the nucleus is already full
-        logits = logits.masked_fill(outside.scatter(1, order, outside), float('-inf'))
-    return logits
+        probs = F.softmax(values, dim=-1)  # (B, k): the top-k distribution, renormalized
+        values = values.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float('-inf'))  # after the nucleus filled
+    return torch.full_like(logits, float('-inf')).scatter_(1, order, values)  # (B, V)
 
-
-@torch.no_grad()
 def sample(model, idx, max_new_tokens, temperature=1.0, top_k=200, top_p=1.0, repetition_penalty=1.0,
-           stopped=None, generator=None, on_token=None):
+           stopped=None, generator=None, on_token=None, use_cache=True):
     """Extend each row of idx (B, T); temperature=0 is greedy. stopped(idx) -> (B,) bools says which rows
     are finished: they get no more tokens (only their last one repeated, for the caller to trim).
-    on_token(idx) is called after every step, for streaming."""
-    cache = KVCache(len(model.blocks))
+    on_token(idx) is called after every step, for streaming. use_cache=False recomputes every window."""
+    cache = KVCache(model.config) if use_cache else None
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # (B,)
     for _ in range(max_new_tokens):
-        logits = model.next_logits(idx, cache).float()  # (B, V)
+        logits = next_logits(model, idx, cache).float()  # (B, V)
         if temperature == 0:  # greedy, after the repetition penalty
-            idx_next = filter_logits(logits, idx, 1.0, logits.shape[-1], 1.0, repetition_penalty).argmax(dim=-1)  # (B,)
+            idx_next = filter_logits(logits, idx, 1.0, logits.shape[-1], 1.0, repetition_penalty).argmax(dim=-1)
         else:
             probs = F.softmax(filter_logits(logits, idx, temperature, top_k, top_p, repetition_penalty), dim=-1)
             idx_next = torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
-        idx_next = torch.where(done, idx[:, -1], idx_next)
+        if stopped is not None:
+            idx_next = torch.where(done, idx[:, -1], idx_next)
         idx = torch.cat((idx, idx_next[:, None]), dim=1)  # (B, T + 1)
         if on_token:
             on_token(idx)
@@ -76,24 +132,22 @@ def sample(model, idx, max_new_tokens, temperature=1.0, top_k=200, top_p=1.0, re
                 break
     return idx
 
-
-@torch.no_grad()
-def beam_search(model, idx, max_new_tokens, beams, length_penalty=1.0, stopped=None):
+def beam_search(model, idx, max_new_tokens, beams, length_penalty=1.0, stopped=None, use_cache=True):
     """The continuation of idx (1, T) with the highest log-probability, keeping the `beams` best partial
     texts at every step. Texts that stopped(idx) calls finished are ranked by logprob / length**length_penalty."""
     if max_new_tokens == 0:
         return idx
-    cache = KVCache(len(model.blocks))
+    cache = KVCache(model.config) if use_cache else None
     scores = torch.zeros(1, device=idx.device)  # (b,): total log-probability of each beam
     finished = []  # (normalized score, tokens)
     for step in range(1, max_new_tokens + 1):
-        logprobs = F.log_softmax(model.next_logits(idx, cache).float(), dim=-1)  # (b, V)
+        logprobs = F.log_softmax(next_logits(model, idx, cache).float(), dim=-1)  # (b, V)
         V = logprobs.shape[-1]
         scores, flat = (scores[:, None] + logprobs).flatten().topk(min(beams, logprobs.numel()))  # (b,)
         parent, token = flat // V, flat % V
         idx = torch.cat((idx[parent], token[:, None]), dim=1)  # (b, T + step)
-        for layer in cache.layers:  # each beam's cache rows follow the beam it grew from
-            layer[:] = [t[parent] for t in layer]
+        if cache is not None:
+            cache.reorder(parent)  # each beam's keys and values are those of the beam it grew from
         if stopped is not None:
             ended = stopped(idx)
             finished += [(s.item() / step ** length_penalty, row) for s, row in zip(scores[ended], idx[ended])]
@@ -103,6 +157,19 @@ def beam_search(model, idx, max_new_tokens, beams, length_penalty=1.0, stopped=N
     finished += [(s.item() / max_new_tokens ** length_penalty, row) for s, row in zip(scores, idx) if s.isfinite()]
     return max(finished, key=lambda pair: pair[0])[1][None]  # (1, T + new)
 
+# -----------------------------------------------------------------------------
+# Command line: check the settings, read the prompt, generate, print (one sample streams as it comes).
+
+def stop_check(tokenizer, stop, prompt_len):
+    """stopped(idx) -> (B,) bools: does the text after the first prompt_len tokens hold `stop`? Checked on
+    decoded text, as BPE may cut the stop text into tokens any way. It runs after every token, so a new
+    stop text ends in the newest token: the last len(stop's bytes) tokens hold it (a token is a byte or more)."""
+    n = len(stop.encode('utf-8'))
+
+    def stopped(idx):
+        tails = idx[:, max(prompt_len, idx.shape[1] - n):].tolist()
+        return torch.tensor([stop in tokenizer.decode(tail) for tail in tails], device=idx.device)
+    return stopped
 
 def check(cfg, given):
     """One line for each setting that cannot work, naming the fix."""
@@ -121,11 +188,11 @@ def check(cfg, given):
         raise UserError(f"--beams={cfg['beams']} is deterministic beam search; drop --{clash[0]} (a sampling option), "
                         "or use --beams=1 to sample")
 
-
 def main(argv):
-    given = parse_args(argv, DEFAULTS, __file__, {'device': CHOICES['device']})
+    given = parse_args(argv, DEFAULTS, __file__)
     cfg = {**DEFAULTS, **given}
     check(cfg, given)
+    dev = pick_device(cfg['device'])
     text = cfg['start']
     if text.startswith('FILE:'):
         try:
@@ -136,41 +203,42 @@ def main(argv):
                             "give the path of a UTF-8 text file") from None
     if not text:
         raise UserError("--start is empty; give at least one character to continue, e.g. --start=$'\\n' in bash")
-    dev = pick_device(cfg['device'])
     model, tokenizer = load_model(cfg['out_dir'], dev)
     idx = torch.tensor([tokenizer.encode(text)], dtype=torch.long, device=dev)
     stop = cfg['stop']
+    stopped = stop_check(tokenizer, stop, idx.shape[1]) if stop else None
 
     def until_stop(ids):  # a sample's text, ending with the first stop text after the start (kept)
         sample_text = tokenizer.decode(ids)
         at = sample_text.find(stop, len(text)) if stop else -1
         return sample_text if at < 0 else sample_text[:at + len(stop)]
 
-    def stopped(idx):  # on decoded text: with BPE the stop text may fall across token boundaries any way
-        return torch.tensor([stop in tokenizer.decode(row)[len(text):] for row in idx.tolist()], device=idx.device)
-
     if cfg['beams'] > 1:
-        out = beam_search(model, idx, cfg['max_new_tokens'], cfg['beams'], cfg['length_penalty'], stopped if stop else None)
+        out = beam_search(model, idx, cfg['max_new_tokens'], cfg['beams'], cfg['length_penalty'], stopped)
         print(until_stop(out[0].tolist()))
         return
     generator = torch.Generator(device=dev).manual_seed(cfg['seed'])
     stream = cfg['num_samples'] == 1
-    shown = 0  # characters of a streamed sample printed so far
+    shown, printed, tail = idx.shape[1], len(text), ''  # tokens and characters printed; the last few of them
 
-    def show(idx):  # streaming: print the new characters as they come
-        nonlocal shown
-        now = until_stop(idx[0].tolist())
-        if not now.endswith('\ufffd'):  # else wait: a BPE token may end inside a multi-byte character
-            sys.stdout.write(now[shown:])
-            sys.stdout.flush()
-            shown = len(now)
+    def show(idx):  # streaming: print the new characters, up to a stop text; decodes only the new tokens
+        nonlocal shown, printed, tail
+        piece = tokenizer.decode(idx[0, shown:].tolist())
+        if piece.endswith('\ufffd'):  # wait: a BPE token may end inside a multi-byte character
+            return
+        seen = tail + piece  # a stop text may begin in characters already printed
+        if stop and stop in seen:
+            piece = seen[:seen.find(stop) + len(stop)][len(tail):]
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        shown, printed, tail = idx.shape[1], printed + len(piece), seen[max(0, len(seen) - len(stop) + 1):]
 
+    if stream:
+        sys.stdout.write(text)
     out = sample(model, idx.repeat(cfg['num_samples'], 1), cfg['max_new_tokens'], cfg['temperature'],
-                 cfg['top_k'], cfg['top_p'], cfg['repetition_penalty'], stopped if stop else None, generator,
-                 show if stream else None)
+                 cfg['top_k'], cfg['top_p'], cfg['repetition_penalty'], stopped, generator, show if stream else None)
     for i, row in enumerate(out.tolist()):
-        print(until_stop(row)[shown:] if stream else f"{'-' * 20} sample {i + 1}\n{until_stop(row)}")
-
+        print(until_stop(row)[printed:] if stream else f"{'-' * 20} sample {i + 1}\n{until_stop(row)}")
 
 if __name__ == '__main__':
     run_cli(main)
