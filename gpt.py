@@ -17,10 +17,10 @@ out_dir = 'out'  # where checkpoints go: last.pt (to resume) and ckpt.pt (best v
 data_dir = 'data'  # where prepare.py wrote train.bin, val.bin and meta.json
 init_from = 'scratch'  # 'scratch' starts a new model, 'resume' continues the one in out_dir
 eval_interval = 500  # evaluate, print a sample and save checkpoints every this many steps
-eval_iters = 110  # batches of fixed windows per split at each eval (110 x 16 windows: all of val)
+eval_iters = 110  # batches of fixed windows per split at each eval (by default all of Shakespeare's val)
 log_interval = 50  # print the training loss every this many steps
 batch_size = 16  # how many independent sequences are trained on in parallel
-gradient_accumulation_steps = 1  # micro-batches per optimizer step (batch_size x this x processes)
+gradient_accumulation_steps = 1  # micro-batches per step: a step sees batch_size x this x processes rows
 block_size = 64  # the longest context the model sees, in tokens
 n_layer = 4  # transformer blocks; 0 leaves a bigram model (each token predicts the next one alone)
 n_head = 4  # attention heads per block
@@ -116,7 +116,7 @@ class MultiHeadAttention(nn.Module):
                    for t in self.qkv(x).split(C, dim=2))  # (B, nh, T, hs) each
         if cache is not None:  # generation (sample.py): the keys and values of earlier tokens come too
             k, v = cache.append(k, v)  # (B, nh, S, hs)
-        if self.flash:  # a cache feeds a whole window (causal) or one new token, which may see every key
+        if self.flash:  # a cache is fed a window when empty (causal), else one token, which sees every key
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:
@@ -137,7 +137,7 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """Communication (attention), then computation (feed-forward), each added to the residual stream x.
     Pre-norm (GPT-2): each part reads LayerNorm(x) but adds to x, a plain sum that gradients flow straight
-    through, however deep the stack. Nothing normalizes that sum: ln_f does, before the output layer."""
+    through, however deep the stack. No block normalizes the sum itself, so ln_f does, before the output."""
     def __init__(self, cfg):
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(cfg.n_embd), MultiHeadAttention(cfg)
@@ -361,7 +361,7 @@ def train(ckpt, meta):  # the training loop; ckpt is the checkpoint that a resum
 def parse_args(argv, defaults, source):  # --key=value overrides, typed as the defaults (true/false for bools)
     if {'-h', '--help'} & set(argv):  # each key with its default and its comment in the source file
         notes = dict(re.findall(r"^(\w+) = .*?  # (.*)$", pathlib.Path(source).read_text('utf-8'), re.M))
-        sys.exit(print('\n'.join(f"--{k}={v!r:<10} {notes.get(k, '')}" for k, v in defaults.items())))
+        sys.exit(print('\n'.join(f"--{f'{k}={v!r}':<33} {notes.get(k, '')}" for k, v in defaults.items())))
     given = {}
     for arg in argv:
         key, eq, value = arg.removeprefix('--').partition('=')
@@ -428,8 +428,9 @@ def setup(overrides):  # settings, device and data, all checked before any work;
     return ckpt, meta
 
 def main(argv):
+    overrides = parse_args(argv, DEFAULTS, __file__)
     try:
-        train(*setup(parse_args(argv, DEFAULTS, __file__)))
+        train(*setup(overrides))
     except OSError as e:  # a full disk, a folder turned read-only...: the checkpoints are whole, old or new
         raise UserError(f"cannot write to {out_dir}/ ({e.strerror}); its checkpoints are kept; once that is "
                         f"fixed, resume: python gpt.py --init_from=resume --out_dir={out_dir}") from None

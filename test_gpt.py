@@ -13,6 +13,7 @@ import math
 import os
 import pathlib
 import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -300,6 +301,218 @@ class TestModel(unittest.TestCase):
             self.assertTrue(torch.equal(out[:, t], model(out[:, max(0, t - 8):t])[0][:, -1].argmax(-1)))
 
 
+class PieceTokenizer:
+    """Tokens of one or more characters, like BPE's, so that a stop text can fall across tokens, and two that
+    are halves of the UTF-8 bytes of 'é'. It records how many tokens each decode call gets."""
+    pieces = [b'a', b'b', b'c', b'd', b' ', b'\n', b'ab', b'ba', b'cd', b'dc', b'abc', b'\xc3', b'\xa9']
+
+    def __init__(self):
+        self.vocab_size, self.decoded = len(self.pieces), []
+
+    def encode(self, text):
+        return [self.pieces.index(ch.encode()) for ch in text]
+
+    def decode(self, ids):
+        self.decoded.append(len(ids))
+        return b''.join(self.pieces[i] for i in ids).decode('utf-8', errors='replace')
+
+
+def run_main(model, tokenizer, *args):
+    """sample.py's output for these arguments, with `model` and `tokenizer` as the checkpoint."""
+    out = io.StringIO()
+    with mock.patch.object(sample, 'load_model', lambda path, device: (model, tokenizer)), \
+            contextlib.redirect_stdout(out):
+        sample.main(['--device=cpu', *args])
+    return out.getvalue()
+
+
+class TestGeneration(unittest.TestCase):
+
+    def test_kv_cache_matches_full_recompute(self):
+        model = tiny_model(block_size=16)
+        idx = torch.randint(11, (3, 4))
+        cache = sample.KVCache(model.config)
+        for _ in range(40):  # inside the window, then past it: the window moves at 17, 25, 33 and 41 tokens
+            cached, full = sample.next_logits(model, idx, cache), sample.next_logits(model, idx)
+            self.assertTrue(torch.allclose(cached, full, atol=1e-5))
+            if idx.shape[1] <= 16:
+                self.assertTrue(torch.allclose(cached, model(idx)[0][:, -1], atol=1e-5))
+            self.assertEqual(cache.length, idx.shape[1] - sample.window_start(idx.shape[1], 16))
+            idx = torch.cat((idx, cached.argmax(-1, keepdim=True)), dim=1)
+
+    def test_cached_and_recomputed_generation_give_the_same_text_past_block_size(self):
+        model = tiny_model(block_size=8)
+        idx = torch.randint(11, (2, 3))
+        for temperature in (1.0, 0.0):  # sampling with the same seed, and greedy
+            texts = [sample.sample(model, idx, 40, temperature, generator=torch.Generator().manual_seed(7),
+                                   use_cache=use_cache) for use_cache in (True, False)]
+            self.assertEqual(texts[0].shape, (2, 43))
+            self.assertTrue(torch.equal(texts[0], texts[1]))
+
+    def test_generation_past_block_size_sees_a_window_of_the_latest_tokens(self):
+        model = tiny_model(block_size=8)
+        idx = torch.randint(11, (1, 3))
+        out = sample.sample(model, idx, 30, temperature=0)
+        for t in range(3, out.shape[1]):  # every token is the argmax over its own context window
+            start = sample.window_start(t, 8)
+            self.assertTrue(min(t, 5) <= t - start <= 8)
+            self.assertEqual(out[0, t].item(), model(out[:, start:t])[0][0, -1].argmax().item())
+
+    def test_a_bigram_model_generates_with_the_cache(self):
+        model = tiny_model(n_layer=0)  # no blocks, so nothing to cache, but positions still advance
+        idx = torch.zeros((2, 1), dtype=torch.long)
+        for temperature in (1.0, 0.0):
+            texts = [sample.sample(model, idx, 20, temperature, generator=torch.Generator().manual_seed(3),
+                                   use_cache=use_cache) for use_cache in (True, False)]
+            self.assertTrue(torch.equal(texts[0], texts[1]))
+
+    def test_same_seed_same_sample_other_seed_other_sample(self):
+        model = tiny_model()
+        idx = torch.zeros((2, 1), dtype=torch.long)
+        a, b, c = (sample.sample(model, idx, 30, generator=torch.Generator().manual_seed(s)) for s in (5, 5, 6))
+        self.assertTrue(torch.equal(a, b))
+        self.assertFalse(torch.equal(a, c))
+
+    def test_temperature_zero_is_greedy_and_deterministic(self):
+        model = tiny_model()
+        idx = torch.zeros((1, 1), dtype=torch.long)
+        a = sample.sample(model, idx, 25, temperature=0)
+        b = sample.sample(model, idx, 25, temperature=0, generator=torch.Generator().manual_seed(99))
+        self.assertTrue(torch.equal(a, b))
+        for t in range(1, 9):  # inside the window
+            self.assertEqual(a[0, t].item(), model(a[:, :t])[0][0, -1].argmax().item())
+
+    def test_top_k_1_sampling_is_greedy(self):
+        model = tiny_model()
+        idx = torch.zeros((1, 1), dtype=torch.long)
+        runs = [sample.sample(model, idx, 20, top_k=1, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+        self.assertTrue(torch.equal(runs[0], runs[1]))
+        self.assertTrue(torch.equal(runs[0], sample.sample(model, idx, 20, temperature=0)))
+
+    def test_top_k_keeps_only_the_k_likeliest_tokens_with_renormalized_probabilities(self):
+        logits = torch.tensor([[1.0, 4.0, 2.0, 3.0, 0.0]])
+        probs = torch.softmax(sample.filter_logits(logits, logits.long()[:, :0], 1.0, 2, 1.0, 1.0), -1)
+        self.assertTrue(torch.allclose(probs[0, [1, 3]], torch.softmax(torch.tensor([4.0, 3.0]), -1)))
+        self.assertEqual(probs[0, [0, 2, 4]].sum().item(), 0.0)
+        self.assertTrue(torch.equal(sample.filter_logits(logits, logits.long()[:, :0], 1.0, 100, 1.0, 1.0), logits))
+
+    def test_top_p_keeps_the_smallest_set_reaching_p(self):
+        probs = torch.tensor([[0.5, 0.05, 0.3, 0.15]])
+        empty = probs.long()[:, :0]
+        kept = torch.softmax(sample.filter_logits(probs.log(), empty, 1.0, 100, 0.8, 1.0), -1)
+        self.assertTrue(torch.allclose(kept, torch.tensor([[0.5 / 0.8, 0.0, 0.3 / 0.8, 0.0]])))  # 0.5 + 0.3 reach 0.8
+        kept = torch.softmax(sample.filter_logits(probs.log(), empty, 1.0, 100, 0.81, 1.0), -1)
+        self.assertEqual((kept > 0).sum().item(), 3)
+        kept = torch.softmax(sample.filter_logits(probs.log(), empty, 1.0, 3, 0.6, 1.0), -1)  # of the top 3 (sum 0.95):
+        self.assertTrue(torch.allclose(kept, torch.tensor([[0.5 / 0.8, 0.0, 0.3 / 0.8, 0.0]])))  # 0.5 / 0.95 < 0.6
+
+    def test_temperature_sharpens_or_flattens_the_distribution(self):
+        logits = torch.tensor([[2.0, 1.0, 0.0]])
+        empty = logits.long()[:, :0]
+        for t in (0.5, 1.0, 2.0):
+            probs = torch.softmax(sample.filter_logits(logits, empty, t, 100, 1.0, 1.0), -1)
+            self.assertTrue(torch.allclose(probs, torch.softmax(logits / t, -1)))
+        cold, hot = (torch.softmax(sample.filter_logits(logits, empty, t, 100, 1.0, 1.0), -1)[0, 0] for t in (0.5, 2.0))
+        self.assertGreater(cold, hot)
+
+    def test_repetition_penalty_makes_seen_tokens_less_likely(self):
+        logits = torch.tensor([[2.0, -1.0, 2.0, -1.0]])
+        out = sample.filter_logits(logits, torch.tensor([[0, 1, 1]]), 1.0, 100, 1.0, 2.0)
+        self.assertTrue(torch.equal(out, torch.tensor([[1.0, -2.0, 2.0, -1.0]])))
+        model = tiny_model()
+        idx = torch.zeros((1, 1), dtype=torch.long)
+        plain, penalized = (sample.sample(model, idx, 30, temperature=0, repetition_penalty=p) for p in (1.0, 5.0))
+        self.assertLess(plain[0].unique().numel(), penalized[0].unique().numel())
+
+    def test_stop_text_ends_a_sample(self):
+        model = tiny_model()
+        idx = torch.zeros((1, 1), dtype=torch.long)
+        free = sample.sample(model, idx, 40, temperature=0)
+        stop = free[0, 10:12].tolist()  # two tokens the free run produces
+        first = next(i for i in range(1, 41) if free[0, i - 1:i + 1].tolist() == stop)
+        stopped = sample.sample(model, idx, 40, temperature=0,
+                                stopped=lambda ids: (ids[:, -2:] == torch.tensor(stop)).all(dim=1))
+        self.assertEqual(stopped.shape[1], first + 1)
+        self.assertEqual(stopped[0, -2:].tolist(), stop)
+
+    def test_a_finished_row_repeats_its_last_token_until_every_row_is_done(self):
+        model = tiny_model()
+        idx = torch.zeros((4, 1), dtype=torch.long)
+        out = sample.sample(model, idx, 60, generator=torch.Generator().manual_seed(1),
+                            stopped=lambda ids: ids[:, -1] == 3)
+        ends = [row.tolist().index(3, 1) for row in out]  # each row's first 3 after the prompt
+        self.assertGreater(len(set(ends)), 1)  # rows that end at different steps
+        self.assertEqual(out.shape[1], max(ends) + 1)
+        for row, end in zip(out, ends):
+            self.assertTrue((row[end:] == 3).all())
+
+    def test_stop_text_is_found_across_tokens_after_the_prompt_decoding_only_the_last_tokens(self):
+        tok = PieceTokenizer()
+        new = [tok.pieces.index(p) for p in (b'd', b'a', b'b', b'cd', b'abc', b'dc', b'd')]
+        ids = torch.tensor([tok.encode('bc') + new])
+        stopped = sample.stop_check(tok, 'bcd', prompt_len=2)  # 'bc' + 'd' does not count: 'bc' is the prompt
+        found = [stopped(ids[:, :t]).item() for t in range(3, ids.shape[1] + 1)]
+        self.assertEqual(found, [False, False, False, True, True, True, True])  # 'b' + 'cd'; 'abc' + 'dc' after
+        self.assertLessEqual(max(tok.decoded), 3)
+        self.assertEqual([sample.stop_check(tok, 'dcd', 2)(ids[:, :t]).item() for t in (7, 8, 9)], [False, False, True])
+
+    def test_a_single_sample_streams_each_token_as_it_is_made(self):
+        model = tiny_model()
+        seen = []
+        idx = torch.zeros((1, 1), dtype=torch.long)
+        out = sample.sample(model, idx, 15, on_token=lambda idx: seen.append(idx.shape[1]))
+        self.assertEqual(seen, list(range(2, 17)))
+        self.assertEqual(out.shape, (1, 16))
+
+    def test_streamed_text_is_the_sample_up_to_the_stop_text_and_no_step_decodes_the_whole_text(self):
+        model, tok = tiny_model(vocab_size=13), PieceTokenizer()
+        ids = sample.sample(model, torch.tensor([tok.encode('ab')]), 300, generator=torch.Generator().manual_seed(7))[0]
+        text = tok.decode(ids.tolist())
+        self.assertIn('é', text)  # streaming waited for its second byte
+        ends = {len(tok.decode(ids[:t].tolist())) for t in range(3, len(ids) + 1)}  # where tokens end in the text
+        stop = next(text[i:i + 3] for i in range(2, len(text) - 2) if text.find(text[i:i + 3], 2) == i
+                    and i + 3 not in ends and ends & {i + 1, i + 2})  # a stop text across tokens, ending inside one
+        for extra, expected in (([], text), ([f'--stop={stop}'], text[:text.find(stop, 2) + 3])):
+            tok.decoded.clear()
+            streamed = run_main(model, tok, '--start=ab', '--temperature=1', '--seed=7', '--max_new_tokens=300',
+                                '--num_samples=1', *extra)
+            self.assertEqual(streamed, expected + '\n')
+            self.assertLess(sorted(tok.decoded)[-2], 10)  # a few tokens at a time; the whole text once, at the end
+
+    def test_beam_search_with_one_beam_is_greedy(self):
+        model = tiny_model()
+        idx = torch.randint(11, (1, 3))
+        greedy = sample.sample(model, idx, 20, temperature=0)  # past block_size: the cache is refilled on the way
+        self.assertTrue(torch.equal(sample.beam_search(model, idx, 20, beams=1), greedy))
+
+    def test_beam_search_reorders_the_cache_with_its_beams(self):
+        model = tiny_model(seed=2)
+        idx = torch.randint(11, (1, 3))
+        texts = [sample.beam_search(model, idx, 25, beams=4, use_cache=use_cache) for use_cache in (True, False)]
+        self.assertTrue(torch.equal(texts[0], texts[1]))
+
+    def test_beam_search_finds_a_likelier_text_than_greedy(self):
+        model = tiny_model(seed=3)
+        idx = torch.randint(11, (1, 2))
+
+        def logprob(seq):
+            logits = model(seq[:, :-1])[0]
+            return torch.log_softmax(logits, -1)[0, 1:].gather(1, seq[0, 2:, None]).sum().item()
+        greedy, beam = sample.sample(model, idx, 6, temperature=0), sample.beam_search(model, idx, 6, beams=8)
+        self.assertGreaterEqual(logprob(beam), logprob(greedy) - 1e-6)
+
+    def test_length_penalty_decides_between_finished_beams_of_different_lengths(self):
+        model = tiny_model(seed=4)
+        idx = torch.zeros((1, 1), dtype=torch.long)
+        stop_token = sample.sample(model, idx, 1, temperature=0)[0, 1].item()
+
+        def ends(ids):  # a beam is finished once it produces the greedy first token again, after step 1
+            return (ids[:, 2:] == stop_token).any(dim=1)
+        lengths = {lp: sample.beam_search(model, idx, 12, beams=6, length_penalty=lp, stopped=ends).shape[1]
+                   for lp in (0.0, 3.0)}
+        self.assertLess(lengths[0.0], lengths[3.0])  # by log-probability the shortest wins; / length**3, a long one
+
+
 class TestCheckpointAndConfig(DataDirTest):
 
     def test_checkpoint_round_trip_gives_identical_logits_and_loads_weights_only(self):
@@ -335,10 +548,16 @@ class TestCheckpointAndConfig(DataDirTest):
         self.assertIn('--seed=1337', out)
 
     def test_importing_gpt_has_no_side_effects(self):
-        with tempfile.TemporaryDirectory() as empty:
-            r = subprocess.run([sys.executable, '-c', 'import gpt, prepare, sample'], cwd=empty, capture_output=True,
-                               text=True, env={**os.environ, 'PYTHONPATH': HERE})
-            self.assertEqual((r.returncode, r.stdout, r.stderr, os.listdir(empty)), (0, '', '', []))
+        empty = os.path.join(self.dir, 'empty')
+        os.makedirs(empty)
+        cwd = os.getcwd()
+        os.chdir(empty)
+        self.addCleanup(os.chdir, cwd)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            for script in ('gpt.py', 'prepare.py', 'sample.py'):  # what `import` runs, as a module not __main__
+                runpy.run_path(os.path.join(HERE, script), run_name='imported')
+        self.assertEqual((out.getvalue(), err.getvalue(), os.listdir(empty)), ('', '', []))
 
     def test_end_to_end_a_fresh_folder_prepares_its_data_trains_and_samples(self):
         fresh = os.path.join(self.dir, 'fresh')
@@ -351,9 +570,10 @@ class TestCheckpointAndConfig(DataDirTest):
         self.assertIn('running prepare.py first', r.stdout)
         self.assertIn('val loss', r.stdout)
         self.assertTrue(os.path.isfile(os.path.join(fresh, 'data', 'train.bin')))
-        r = run('sample.py', '--start=FILE:prompt.txt', '--num_samples=2', '--max_new_tokens=20', cwd=fresh)
-        self.assertEqual(r.returncode, 0, r.stderr)
-        samples = r.stdout.split('-' * 20 + ' sample ')[1:]
+        code, stdout, err = cli('sample.py', [f'--out_dir={fresh}/out', f'--start=FILE:{fresh}/prompt.txt',
+                                              '--num_samples=2', '--max_new_tokens=20'])
+        self.assertEqual(code, 0, err)
+        samples = stdout.split('-' * 20 + ' sample ')[1:]
         self.assertEqual(len(samples), 2)
         for s in samples:
             self.assertTrue(s.split('\n', 1)[1].startswith('Sing the'))
@@ -448,39 +668,30 @@ class TestReliability(DataDirTest):
         self.assertRegex(str(stop.exception.code), r"loss is nan at iter 8.*--learning_rate")
         self.assertEqual([pathlib.Path(p).read_bytes() for p in checkpoints], before)
 
-    def test_sigterm_saves_a_checkpoint_that_resumes(self):
+    def test_ctrl_c_or_sigterm_in_training_saves_a_checkpoint_that_resumes(self):
         real_step = gpt.train_step
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            def step(model, optimizer, scaler, it):
+                if it == 3:
+                    os.kill(os.getpid(), sig)  # arrives during step 3: the run saves at the next log step
+                return real_step(model, optimizer, scaler, it)
+            with mock.patch.object(gpt, 'train_step', step):
+                code, out, err = cli('gpt.py', self.train_args(out=sig.name, max_iters=100, lr_decay_iters=100))
+            self.assertEqual((code, err), (128 + sig, ''))
+            self.assertIn(f'stopped by {sig.name} at iter 4; saved last.pt. Resume with: python gpt.py '
+                          f'--init_from=resume --out_dir={self.dir}/{sig.name}', out)
+            self.assertEqual(torch.load(f'{self.dir}/{sig.name}/last.pt', weights_only=True)['iter_num'], 4)
+        log = output_of(gpt.main, self.train_args(out=sig.name, max_iters=6) + ['--init_from=resume'])
+        self.assertIn('resuming at iter 4', log)
 
-        def step(model, optimizer, scaler, it):
-            if it == 3:
-                os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 3: the run saves after it
-            return real_step(model, optimizer, scaler, it)
-        with mock.patch.object(gpt, 'train_step', step):
-            code, out, err = cli('gpt.py', self.train_args(max_iters=100, lr_decay_iters=100))
-        self.assertEqual(code, 128 + signal.SIGTERM, err)
-        self.assertIn('stopped by SIGTERM at iter 4', out)
-        self.assertEqual(torch.load(os.path.join(self.dir, 'out', 'last.pt'), weights_only=True)['iter_num'], 4)
-        self.assertIn('resuming at iter 4', output_of(gpt.main, self.train_args(max_iters=6) + ['--init_from=resume']))
-
-    def test_ctrl_c_while_starting_or_training_ends_in_one_line(self):
-        proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'gpt.py'), *self.train_args(out='starting')],
+    def test_ctrl_c_while_starting_ends_in_one_line(self):
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'gpt.py'), *self.train_args()],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(0.5)  # torch is still loading
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
         self.assertEqual((proc.returncode, stderr), (130, 'error: stopped by Ctrl-C\n'))
-        proc = subprocess.Popen([sys.executable, '-u', os.path.join(HERE, 'gpt.py'),
-                                 *self.train_args(max_iters=100000, lr_decay_iters=100000)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for line in proc.stdout:  # until training is under way (or the output ends: the asserts say why)
-            if line.startswith('iter 3/'):
-                break
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
-        self.assertEqual((proc.returncode, stderr), (130, ''))
-        self.assertIn('stopped by SIGINT', stdout)
-        self.assertIn('--init_from=resume', stdout)
-        self.assertGreaterEqual(torch.load(f'{self.dir}/out/last.pt', weights_only=True)['iter_num'], 3)
+        self.assertFalse(os.path.exists(os.path.join(self.dir, 'out')))
 
     def test_bad_inputs_fail_with_one_clear_line_and_change_no_file(self):
         d = self.dir
