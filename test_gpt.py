@@ -21,12 +21,14 @@ import tempfile
 import time
 import unittest
 from unittest import mock
+from xml.etree import ElementTree
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import bench
 import gpt
 import prepare
 import sample
@@ -66,6 +68,14 @@ def cli(script, args):
         except SystemExit as e:
             code = e.code or 0 if not isinstance(e.code, str) else print(e.code, file=sys.stderr) or 1
     return code, out.getvalue(), err.getvalue()
+
+
+def cli_bench(args):  # bench.py's command line in this process: (exit code, stdout, stderr)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
+        gpt.run_cli(bench.main, args)
+        return 0, out.getvalue(), err.getvalue()
+    return 2, out.getvalue(), err.getvalue()
 
 
 def run(script, *args, cwd=None, **kwargs):
@@ -856,6 +866,19 @@ class TestWatchingTraining(DataDirTest):
         evals = [int(r['iter']) for r in rows if r['val_loss'] != '']
         self.assertEqual((steps, evals), (list(range(1, 13)), [0, 6, 12]))
         self.assertTrue(all(float(r['tokens_per_s']) > 0 for r in rows if r['val_loss'] == ''))
+
+    def test_bench_plot_draws_one_point_per_eval_keeping_the_latest_row_of_a_repeated_step(self):
+        quiet(gpt.main, self.train_args())
+        with open(os.path.join(self.dir, 'out', 'log.csv'), 'a', encoding='utf-8') as f:
+            f.write('6,9.0,9.5,9.9,0.001,\n')  # step 6 evaluated again, as after a resume: the latest row counts
+        quiet(bench.main, ['plot', f'--out_dir={self.dir}/out'])
+        svg = ElementTree.parse(os.path.join(self.dir, 'out', 'loss.svg')).getroot()  # well-formed XML
+        lines = svg.findall('{http://www.w3.org/2000/svg}polyline')
+        self.assertEqual([len(line.get('points').split()) for line in lines], [3, 3])  # train and val: 0, 6, 12
+        ys = [[float(point.split(',')[1]) for point in line.get('points').split()] for line in lines]
+        self.assertEqual(ys[1][1], min(ys[0] + ys[1]))  # val 9.5 at step 6, the highest loss: the chart's top
+        code, _, err = cli_bench(['plot', f'--out_dir={self.dir}/missing'])
+        self.assertEqual((code, len(err.strip().splitlines())), (2, 1), err)
 
     def test_each_eval_prints_a_sample_of_the_same_seed(self):
         log = output_of(gpt.main, self.train_args(max_iters=6, log_interval=100))
