@@ -11,8 +11,7 @@ from torch import distributed as dist, nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# -----------------------------------------------------------------------------
-# Config. Each value can be overridden on the command line as --key=value.
+# CONFIG. Each value can be overridden on the command line as --key=value.
 out_dir = 'out'  # where checkpoints go: last.pt (to resume) and ckpt.pt (best val, to sample from)
 data_dir = 'data'  # where prepare.py wrote train.bin, val.bin and meta.json
 init_from = 'scratch'  # 'scratch' starts a new model, 'resume' continues the one in out_dir
@@ -44,8 +43,7 @@ DEFAULTS = {k: v for k, v in globals().items() if isinstance(v, (bool, int, floa
 class UserError(Exception):  # a mistake the user can fix (a setting, a file): one line, exit code 2
     pass
 
-# -----------------------------------------------------------------------------
-# Tokenizer: text <-> integer ids, as meta.json (and each checkpoint) says: characters, the vocabulary being
+# TOKENIZER: text <-> integer ids, as meta.json (and each checkpoint) says: characters, the vocabulary being
 # the text's characters sorted; or byte-level BPE (prepare.py): 256 byte values, then fused frequent pairs.
 class CharTokenizer:
     def __init__(self, vocab):
@@ -62,8 +60,7 @@ def load_tokenizer(meta):  # meta: the 'tokenizer' entry of meta.json
     from prepare import BPETokenizer  # here, not at the top: prepare.py imports this file
     return BPETokenizer(meta['merges']) if meta['kind'] == 'bpe' else CharTokenizer(meta['vocab'])
 
-# -----------------------------------------------------------------------------
-# Data: prepare.py's uint16 token files, read through np.memmap (no corpus has to fit in memory). An example
+# DATA: prepare.py's uint16 token files, read through np.memmap (no corpus has to fit in memory). An example
 # is a window x of block_size tokens and y, the same shifted one on: at each position, the token that follows.
 def get_batch(split, starts=None):  # x and y, (B, block_size) each: the windows at starts, or random ones
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
@@ -75,8 +72,7 @@ def get_batch(split, starts=None):  # x and y, (B, block_size) each: the windows
         x, y = x.pin_memory(), y.pin_memory()
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
-# -----------------------------------------------------------------------------
-# Model: a decoder-only transformer. Each token becomes a vector (token + position embedding); n_layer blocks
+# MODEL: a decoder-only transformer. Each token becomes a vector (token + position embedding); n_layer blocks
 # refine them with attention (a token gathers from earlier tokens) and a feed-forward net (each token on its
 # own); a last linear layer turns each vector into logits, the scores of every possible next token.
 GPTConfig = collections.namedtuple('GPTConfig', 'vocab_size block_size n_layer n_head n_embd dropout flash',
@@ -189,8 +185,7 @@ class GPT(nn.Module):
             idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), 1)), dim=1)  # (B, T + 1)
         return idx
 
-# -----------------------------------------------------------------------------
-# Evaluation: the mean loss of each split over a fixed set of windows, the same ones at every eval, so evals
+# EVALUATION: the mean loss of each split over a fixed set of windows, the same ones at every eval, so evals
 # are free of sampling noise and comparable across runs. With the defaults the val split is covered whole.
 def autocast():  # mixed precision if dtype asks: matmuls in bfloat16 (or float16), reductions in float32
     return torch.autocast(device.split(':')[0], getattr(torch, dtype), enabled=dtype != 'float32')
@@ -209,11 +204,9 @@ def estimate_loss(model, meta, splits=('train', 'val')):
             with autocast():
                 total += model(x, y)[1].float() * len(x)  # the batch's mean loss, weighted by its size
         out[split] = total.item() / k
-    model.train()
-    return out
+    return out  # the model stays in eval mode (the sample after it too) until train_step
 
-# -----------------------------------------------------------------------------
-# Training. Under torchrun, processes train on their own batches, DistributedDataParallel (DDP) averages their
+# TRAINING. Under torchrun, processes train on their own batches, DistributedDataParallel (DDP) averages their
 # gradients, and process 0 alone evaluates, prints and writes files. Exact resume: a checkpoint (tensors and
 # plain values, read by torch.load(weights_only=True) without running code) holds the model, optimizer, loss
 # scaler, step and best val loss; each step's batches and dropout come from a seed of (seed, step, process).
@@ -238,11 +231,13 @@ def build(vocab_size, ckpt=None):  # the model, its AdamW optimizer and loss sca
     if ckpt:
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
+        if scaler.is_enabled() and ckpt['scaler']:  # a float16 run; a bfloat16 one saved no scale
+            scaler.load_state_dict(ckpt['scaler'])
     return model, optimizer, scaler
 
 def train_step(model, optimizer, scaler, it):  # -> the mean loss, a tensor: reading it waits for the GPU
     """Step `it` on gradient_accumulation_steps fresh batches; DDP averages the gradients once, at the end."""
+    model.train()  # dropout on (estimate_loss turned it off)
     torch.manual_seed(hash((seed, it, rank)))  # this step's batches and dropout masks: see "Exact resume"
     for group in optimizer.param_groups:
         group['lr'] = get_lr(it)
@@ -297,7 +292,7 @@ def train(ckpt, meta):  # the training loop; ckpt is the checkpoint that a resum
         print(line)
         with open(log_path, 'a') as f:
             f.write(','.join(map(str, row)) + '\n')
-    def save(names):  # atomic, and last.pt first: a crash at any moment leaves a whole checkpoint to resume
+    def save(names):  # atomic, ckpt.pt first: after a crash at any moment the run resumes from a whole one
         buffer = io.BytesIO()  # serialized in memory first, so that a full disk raises an OSError saying so
         torch.save({'model': model.state_dict(), 'scaler': scaler.state_dict(), 'best_val_loss': best_val,
                     'optimizer': optimizer.state_dict(), 'iter_num': it, 'model_args': model.config._asdict(),
@@ -329,10 +324,20 @@ def train(ckpt, meta):  # the training loop; ckpt is the checkpoint that a resum
                 out = model.generate(torch.zeros((1, 1), dtype=torch.long, device=device), 100)
                 print(tokenizer.decode(out[0, 1:].tolist()).strip())
                 best_val, improved = min(best_val, val_loss), val_loss < best_val
-                save(['last.pt', 'ckpt.pt'] if improved else ['last.pt'])
+                save(['ckpt.pt', 'last.pt'] if improved else ['last.pt'])
                 t_log, it_log = time.time(), it  # the eval does not count in the training speed
             if it >= max_iters:
                 break
+            if stop and world_size == 1 or world_size > 1 and it % log_interval == 0:  # a signal: stop here?
+                asked = torch.tensor(stop[0] if stop else 0, device=device)
+                if world_size > 1:  # under DDP, all processes stop at the same step
+                    dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+                if asked.item():
+                    if master:
+                        save(['last.pt'])
+                        print(f"stopped by {signal.Signals(asked.item()).name} at iter {it}; saved last.pt. "
+                              f"Resume with: python gpt.py --init_from=resume --out_dir={out_dir}")
+                    sys.exit(128 + asked.item())
             loss = train_step(step_model, optimizer, scaler, it)
             it += 1
             if it % log_interval == 0 or it == max_iters:
@@ -343,21 +348,11 @@ def train(ckpt, meta):  # the training loop; ckpt is the checkpoint that a resum
                         f"{tokens_per_it / dt:,.0f} tok/s, ETA {(max_iters - it) * dt / 60:.1f} min",
                         it, f'{lossf:.4f}', '', '', f'{get_lr(it - 1):.4g}', round(tokens_per_it / dt))
                 t_log, it_log = time.time(), it
-                asked = torch.tensor(stop[0] if stop else 0, device=device)  # did a signal ask us to stop?
-                if world_size > 1:  # under DDP, all processes stop at the same step
-                    dist.all_reduce(asked, op=dist.ReduceOp.MAX)
-                if asked.item() and it < max_iters:
-                    if master:
-                        save(['last.pt'])
-                        print(f"stopped by {signal.Signals(asked.item()).name} at iter {it}; saved last.pt. "
-                              f"Resume with: python gpt.py --init_from=resume --out_dir={out_dir}")
-                    sys.exit(128 + asked.item())
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
 
-# -----------------------------------------------------------------------------
-# Entry point: read the settings from the command line, check them and the data, train.
+# ENTRY POINT: read the settings from the command line, check them and the data, train.
 def parse_args(argv, defaults, source):  # --key=value overrides, typed as the defaults (true/false for bools)
     if {'-h', '--help'} & set(argv):  # each key with its default and its comment in the source file
         notes = dict(re.findall(r"^(\w+) = .*?  # (.*)$", pathlib.Path(source).read_text('utf-8'), re.M))
@@ -376,8 +371,9 @@ def parse_args(argv, defaults, source):  # --key=value overrides, typed as the d
     return given
 
 def pick_device(name):  # 'auto' -> cuda, else mps, else cpu; a device this machine lacks is an error
-    here = {'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available(), 'cpu': True}
-    if not here.get(name.split(':')[0], name == 'auto'):
+    here = {'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available(), 'cpu': True,
+            **{f'cuda:{i}': True for i in range(torch.cuda.device_count())}}
+    if not here.get(name, name == 'auto'):
         raise UserError(f"--device={name} is not available on this machine; use --device=cpu (or auto)")
     return next(d for d in here if here[d]) if name == 'auto' else name
 
@@ -402,8 +398,8 @@ def setup(overrides):  # settings, device and data, all checked before any work;
     rules = [(0 < g[k] < math.inf, f'--{k}={g[k]} must be positive') for k in ('eval_interval', 'eval_iters',
              'log_interval', 'batch_size', 'gradient_accumulation_steps', 'block_size', 'n_head', 'n_embd',
              'max_iters', 'lr_decay_iters', 'learning_rate')]  # written so that nan fails too
-    rules += [(0 <= g[k] < math.inf, f'--{k}={g[k]} must be zero or more')
-              for k in ('n_layer', 'warmup_iters', 'min_lr', 'weight_decay', 'grad_clip')]
+    rules += [(0 <= g[k] < 2 ** 63, f'--{k}={g[k]} must be zero or more')
+              for k in ('n_layer', 'warmup_iters', 'min_lr', 'weight_decay', 'grad_clip', 'seed')]
     rules += [(0 <= g[k] < 1, f'--{k}={g[k]} must be in [0, 1)') for k in ('dropout', 'beta1', 'beta2')]
     rules += [(kept.get(k, g[k]) == g[k], f"--{k}={g[k]}, but a resumed run keeps its {kept.get(k)}")
               for k in ('block_size', 'n_layer', 'n_head', 'n_embd', 'weight_decay', 'beta1', 'beta2')]
@@ -435,7 +431,8 @@ def main(argv):
         raise UserError(f"cannot write to {out_dir}/ ({e.strerror}); its checkpoints are kept; once that is "
                         f"fixed, resume: python gpt.py --init_from=resume --out_dir={out_dir}") from None
     finally:
-        if dist.is_initialized():  # on success and on errors alike, so that no process is left waiting
+        if dist.is_initialized():  # on success and on errors alike; leave together: a process that tears down
+            dist.barrier()  # early can break the others' connections
             dist.destroy_process_group()
 
 def run_cli(main, argv=None):  # a UserError or Ctrl-C ends a script with one line on stderr, no traceback
