@@ -4,7 +4,7 @@ are Unsupervised Multitask Learners", 2019). `python gpt.py --n_layer=6` overrid
 import os, signal, sys  # noqa: E401
 if __name__ == '__main__':  # before the slow imports: Ctrl-C while torch loads ends in one line, exit 130
     signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write('error: stopped by Ctrl-C\n'), os._exit(130)))
-import collections, contextlib, difflib, io, math, pathlib, re, time  # noqa: E401, E402
+import collections, contextlib, difflib, io, json, math, pathlib, re, subprocess, time  # noqa: E401, E402
 import numpy as np
 import torch
 from torch import distributed as dist, nn
@@ -56,8 +56,38 @@ class CharTokenizer:
     def decode(self, ids):
         return ''.join(self.vocab[i] for i in ids)
 
+def merge(ids, pair, new_id):
+    """Replace each occurrence of `pair` in the id array `ids`, left to right, by new_id."""
+    hits = np.flatnonzero((ids[:-1] == pair[0]) & (ids[1:] == pair[1]))
+    if pair[0] == pair[1]:  # in a run like 'aaaa' the pairs overlap: take the 1st, 3rd... of each run
+        run_start = np.maximum.accumulate(np.where(np.diff(hits, prepend=-2) > 1, hits, 0))
+        hits = hits[(hits - run_start) % 2 == 0]
+    ids = ids.copy()
+    ids[hits] = new_id
+    return np.delete(ids, hits + 1)
+
+
+class BPETokenizer:
+    """Byte-level BPE: a text is its UTF-8 bytes (ids 0-255); then merge i, in the order train_bpe learned
+    them, fuses each neighbouring pair (a, b) into id 256 + i. Any text encodes, in any language."""
+
+    def __init__(self, merges):
+        self.merges, self.vocab_size = [tuple(pair) for pair in merges], 256 + len(merges)
+        self.bytes = [bytes([i]) for i in range(256)]  # id -> the bytes it stands for
+        for a, b in self.merges:
+            self.bytes.append(self.bytes[a] + self.bytes[b])
+
+    def encode(self, text):
+        ids = np.frombuffer(text.encode('utf-8'), dtype=np.uint8).astype(np.int32)
+        for i, pair in enumerate(self.merges):
+            ids = merge(ids, pair, 256 + i)
+        return ids.tolist()
+
+    def decode(self, ids):  # a cut through a multi-byte character decodes as U+FFFD instead of failing
+        return b''.join(self.bytes[i] for i in ids).decode('utf-8', errors='replace')
+
+
 def load_tokenizer(meta):  # meta: the 'tokenizer' entry of meta.json
-    from prepare import BPETokenizer  # here, not at the top: prepare.py imports this file
     return BPETokenizer(meta['merges']) if meta['kind'] == 'bpe' else CharTokenizer(meta['vocab'])
 
 # DATA: prepare.py's uint16 token files, read through np.memmap (no corpus has to fit in memory). An example
@@ -352,6 +382,36 @@ def train(ckpt, meta):  # the training loop; ckpt is the checkpoint that a resum
         for s, handler in handlers.items():
             signal.signal(s, handler)
 
+def checked_meta(data_dir, block_size, make=False):
+    """data_dir's meta.json, once it and the token files are checked: whatever was read back from disk is
+    untrusted (a hand edit, two runs of prepare.py mixed...). make: prepare the data first if it is missing."""
+    if not os.path.isfile(os.path.join(data_dir, 'train.bin')):
+        if not make:
+            raise UserError(f"--data_dir={data_dir} holds no train.bin; make it with: "
+                            f"python prepare.py --input=YOUR.txt --data_dir={data_dir}")
+        print(f"no {data_dir}/train.bin yet: running prepare.py first", flush=True)
+        done = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prepare.py'),
+                               f'--data_dir={data_dir}'])
+        if done.returncode:
+            sys.exit(done.returncode)
+    try:
+        with open(os.path.join(data_dir, 'meta.json'), encoding='utf-8') as f:
+            meta = json.load(f)
+        data = {split: np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+                for split in ('train', 'val')}
+        vocab_size = load_tokenizer(meta['tokenizer']).vocab_size
+        fits = all(len(d) == meta[f'{s}_tokens'] and meta[f'{s}_chars'] > 0 for s, d in data.items())
+        fits = fits and all(d[::len(d) // 10**6 + 1].max() < vocab_size for d in data.values())  # ids: a sample
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        fits = False
+    if not fits:
+        raise UserError(f"--data_dir={data_dir} is incomplete or inconsistent (meta.json missing, unreadable or not "
+                        "matching the token files, e.g. after an interrupted or hand-edited prepare); run prepare.py again")
+    if len(data['val']) <= block_size:
+        raise UserError(f"--block_size={block_size} needs more than {block_size} tokens in the val split, which has "
+                        f"{len(data['val'])}; use --block_size={max(1, len(data['val']) - 1)} or less")
+    return meta
+
 # ENTRY POINT: read the settings from the command line, check them and the data, train.
 def parse_args(argv, defaults, source):  # --key=value overrides, typed as the defaults (true/false for bools)
     if {'-h', '--help'} & set(argv):  # each key with its default and its comment in the source file
@@ -379,7 +439,6 @@ def pick_device(name):  # 'auto' -> cuda, else mps, else cpu; a device this mach
 
 def setup(overrides):  # settings, device and data, all checked before any work; -> (checkpoint or None, meta)
     global device, dtype, rank, world_size
-    import prepare  # here, not at the top: prepare.py imports this file
     globals().update({**DEFAULTS, **overrides})
     found = [p for p in (f'{out_dir}/last.pt', f'{out_dir}/ckpt.pt') if os.path.isfile(p)]
     resume = found and init_from == 'resume' and load_model(found[0])  # last.pt; ckpt.pt if no last.pt yet
@@ -415,7 +474,7 @@ def setup(overrides):  # settings, device and data, all checked before any work;
         if not ok:
             raise UserError(message)
     os.makedirs(out_dir, exist_ok=True)
-    meta = prepare.checked_meta(data_dir, block_size, make=data_dir == 'data' and world_size == 1)
+    meta = checked_meta(data_dir, block_size, make=data_dir == 'data' and world_size == 1)
     if ckpt and ckpt['tokenizer'] != meta['tokenizer']:
         raise UserError(f'{out_dir}/ was trained on another vocabulary; resume it with its own --data_dir')
     if cuda:
@@ -442,6 +501,5 @@ def run_cli(main, argv=None):  # a UserError or Ctrl-C ends a script with one li
         print(f"error: {e or 'stopped by Ctrl-C'}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UserError) else 130)
 
-if __name__ == '__main__':  # run as the module `gpt`, the one prepare.py imports, so its globals are shared
-    import gpt
-    gpt.run_cli(gpt.main)
+if __name__ == '__main__':
+    run_cli(main)

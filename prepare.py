@@ -16,7 +16,7 @@ import urllib.request
 
 import numpy as np
 
-from gpt import CharTokenizer, UserError, load_tokenizer, parse_args, run_cli
+from gpt import BPETokenizer, CharTokenizer, UserError, merge, parse_args, run_cli  # noqa: F401
 
 input = 'input.txt'  # the UTF-8 text to train on; Tiny Shakespeare is downloaded if the default is missing
 data_dir = 'data'  # where train.bin, val.bin and meta.json are written
@@ -30,37 +30,6 @@ CHUNK = 1 << 22  # characters read at a time: memory stays bounded whatever the 
 
 # Byte-level BPE: applying the merges (gpt.py's load_tokenizer builds this tokenizer for a bpe meta.json),
 # then learning them (train_bpe, below).
-
-def merge(ids, pair, new_id):
-    """Replace each occurrence of `pair` in the id array `ids`, left to right, by new_id."""
-    hits = np.flatnonzero((ids[:-1] == pair[0]) & (ids[1:] == pair[1]))
-    if pair[0] == pair[1]:  # in a run like 'aaaa' the pairs overlap: take the 1st, 3rd... of each run
-        run_start = np.maximum.accumulate(np.where(np.diff(hits, prepend=-2) > 1, hits, 0))
-        hits = hits[(hits - run_start) % 2 == 0]
-    ids = ids.copy()
-    ids[hits] = new_id
-    return np.delete(ids, hits + 1)
-
-
-class BPETokenizer:
-    """Byte-level BPE: a text is its UTF-8 bytes (ids 0-255); then merge i, in the order train_bpe learned
-    them, fuses each neighbouring pair (a, b) into id 256 + i. Any text encodes, in any language."""
-
-    def __init__(self, merges):
-        self.merges, self.vocab_size = [tuple(pair) for pair in merges], 256 + len(merges)
-        self.bytes = [bytes([i]) for i in range(256)]  # id -> the bytes it stands for
-        for a, b in self.merges:
-            self.bytes.append(self.bytes[a] + self.bytes[b])
-
-    def encode(self, text):
-        ids = np.frombuffer(text.encode('utf-8'), dtype=np.uint8).astype(np.int32)
-        for i, pair in enumerate(self.merges):
-            ids = merge(ids, pair, 256 + i)
-        return ids.tolist()
-
-    def decode(self, ids):  # a cut through a multi-byte character decodes as U+FFFD instead of failing
-        return b''.join(self.bytes[i] for i in ids).decode('utf-8', errors='replace')
-
 
 def download_shakespeare(path):
     print(f"{path} not found: downloading Tiny Shakespeare from {SHAKESPEARE_URL}")
@@ -166,34 +135,6 @@ def prepare(input_path, data_dir, tokenizer='char', vocab_size=1024):
     os.replace(meta_path + '.tmp', meta_path)
     print(f"{input_path}: {n:,} characters, {tokenizer} vocabulary of {tok.vocab_size}; wrote {sizes['train']:,} "
           f"train and {sizes['val']:,} val tokens to {data_dir}/")
-    return meta
-
-
-def checked_meta(data_dir, block_size, make=False):
-    """data_dir's meta.json, once it and the token files are checked: whatever was read back from disk is
-    untrusted (a hand edit, two runs of prepare.py mixed...). make: prepare the data first if it is missing."""
-    if not os.path.isfile(os.path.join(data_dir, 'train.bin')):
-        if not make:
-            raise UserError(f"--data_dir={data_dir} holds no train.bin; make it with: "
-                            f"python prepare.py --input=YOUR.txt --data_dir={data_dir}")
-        print(f"no {data_dir}/train.bin yet: running prepare.py first")
-        main([f'--data_dir={data_dir}'])
-    try:
-        with open(os.path.join(data_dir, 'meta.json'), encoding='utf-8') as f:
-            meta = json.load(f)
-        data = {split: np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
-                for split in ('train', 'val')}
-        vocab_size = load_tokenizer(meta['tokenizer']).vocab_size
-        fits = all(len(d) == meta[f'{s}_tokens'] and meta[f'{s}_chars'] > 0 for s, d in data.items())
-        fits = fits and all(d[::len(d) // 10**6 + 1].max() < vocab_size for d in data.values())  # ids: a sample
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
-        fits = False
-    if not fits:
-        raise UserError(f"--data_dir={data_dir} is incomplete or inconsistent (meta.json missing, unreadable or not "
-                        "matching the token files, e.g. after an interrupted or hand-edited prepare); run prepare.py again")
-    if len(data['val']) <= block_size:
-        raise UserError(f"--block_size={block_size} needs more than {block_size} tokens in the val split, which has "
-                        f"{len(data['val'])}; use --block_size={max(1, len(data['val']) - 1)} or less")
     return meta
 
 

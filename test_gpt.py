@@ -188,8 +188,8 @@ class TestBPE(DataDirTest):
         meta, tok = self.bpe()
         self.assertEqual(meta['vocab_size'], 300)
         self.assertLess(len(tok.encode(TEXT)), 0.6 * len(TEXT.encode('utf-8')))
-        self.assertEqual(prepare.merge(np.array([7, 7, 7, 1, 7, 7]), (7, 7), 9).tolist(), [9, 7, 1, 9])
-        self.assertEqual(prepare.merge(np.array([7, 7, 7, 7, 7, 2, 7]), (7, 7), 9).tolist(), [9, 9, 7, 2, 7])
+        self.assertEqual(gpt.merge(np.array([7, 7, 7, 1, 7, 7]), (7, 7), 9).tolist(), [9, 7, 1, 9])
+        self.assertEqual(gpt.merge(np.array([7, 7, 7, 7, 7, 2, 7]), (7, 7), 9).tolist(), [9, 9, 7, 2, 7])
 
     def test_bpe_encode_of_the_train_text_equals_the_tokens_prepare_wrote(self):
         meta, tok = self.bpe()
