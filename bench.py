@@ -2,52 +2,57 @@
 Benchmarks and the loss chart. Numbers come from real runs on the machine at hand; nothing here is timed
 by the unit tests.
 
-    python bench.py train [--key=value ...]    # ms/iter, tokens/s, MFU (CUDA) and peak memory of training
-    python bench.py target --target_loss=1.47 [--key=value ...]   # wall time until val loss reaches a target
+    python bench.py train [--key=value ...]    # ms/iter, tokens/s, MFU and peak memory of training steps
+    python bench.py target [--key=value ...]   # seconds from `python gpt.py ...` starting to a val loss target
     python bench.py sample [--key=value ...]   # generation speed with and without the KV cache
     python bench.py plot --out_dir=out         # out/loss.svg: the train and val loss in out/log.csv
-    python bench.py gpu [--dry=true]           # the GPU checks and records; dry: the same steps, tiny, on a CPU
+    python bench.py gpu [--dry=true]           # every GPU figure in one table, each against its target
 
-train and target take every gpt.py setting (--n_layer=6 ...) besides their own keys below.
+train and target take every gpt.py setting too (--n_layer=6 ...) but out_dir and init_from: they train a
+new model, with a temporary folder (deleted after) for its files and for torch.compile's cache, so that
+each compile is timed from cold. `python bench.py --help` lists each mode's own keys.
 """
-import csv
-import os
-import resource
-import statistics
-import subprocess
-import sys
-import tempfile
-import time
+import os, signal, sys  # noqa: E401
+if __name__ == '__main__':  # before the slow imports: Ctrl-C while torch loads ends in one line, exit 130
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write('error: stopped by Ctrl-C\n'), os._exit(130)))
+import contextlib, csv, datetime, pathlib, platform, re, resource, statistics, subprocess, tempfile, threading, \
+    time, traceback  # noqa: E401, E402
 
-import torch
+import torch  # noqa: E402
 
-import gpt
-from gpt import UserError, parse_args, pick_device, run_cli
+import gpt  # noqa: E402
+from gpt import UserError, parse_args, pick_device, run_cli  # noqa: E402
 
 TRAIN = {
     'iters': 30,  # timed steps per repeat
-    'warmup': 5,  # untimed steps first (the first one compiles the model when torch.compile is on)
-    'repeats': 3,  # the median of the repeats is reported
+    'warmup': 5,  # untimed steps first; the first one, timed apart, compiles the model where gpt.py does
+    'repeats': 3,  # timings; the median is reported
 }
 TARGET = {
-    'target_loss': 1.47,  # stop at the first eval whose val loss is at or below this
+    'target_loss': 1.47,  # stop gpt.py at the first eval whose val loss is at or below this
+    'limit_s': 900.0,  # or after this many seconds: the target is missed
 }
-SAMPLE = {  # the reference model (random weights are fine for timing)
-    'n_layer': 6, 'n_head': 6, 'n_embd': 384, 'block_size': 256, 'vocab_size': 65,
+REFERENCE = {**gpt.GPU_RECIPE, 'device': 'cuda'}  # the model and schedule that the GPU figures are about
+SAMPLE = {  # the reference model, with random weights: the timing does not depend on them
+    **{k: REFERENCE[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size')},
+    'vocab_size': 65,  # Tiny Shakespeare's characters
     'new_tokens': 500,  # tokens generated per timing, from a one-token prompt
-    'repeats': 3,  # timings per path; the median is reported
+    'repeats': 3,  # timings; the median is reported
     'device': 'auto',  # 'auto' picks cuda, then mps, then cpu
 }
 PLOT = {
     'out_dir': 'out',  # the run whose log.csv is drawn, into loss.svg beside it
 }
 GPU = {
-    'dry': False,  # true: every step at a tiny size on the CPU, to check the script itself
+    'dry': False,  # true: every step at a tiny size on the CPU, to check the script itself (CI does)
 }
-# The reference model (10.7M parameters) with nanoGPT's Shakespeare recipe: what the GPU records measure.
-REFERENCE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, learning_rate=1e-3,
-                 min_lr=1e-4, max_iters=5000, lr_decay_iters=5000, warmup_iters=100, eval_interval=250,
-                 eval_iters=7, device='cuda')
+# `bench.py gpu` runs the card's command, with a time limit: python gpt.py --n_layer=6 --device=cuda
+CARD = {'n_layer': 6, 'device': 'cuda', 'limit_s': 120}
+# `bench.py gpu --dry=true`: every step this small, on the CPU; the card's command evaluates every 10 steps
+# and reaches val loss 3.6 (from about 4.2) by iter 10 on Tiny Shakespeare
+DRY = {'n_layer': 1, 'n_head': 2, 'n_embd': 32, 'block_size': 32, 'batch_size': 8, 'device': 'cpu'}
+DRY_CARD = {**DRY, 'max_iters': 1000, 'lr_decay_iters': 1000, 'warmup_iters': 5, 'eval_interval': 10,
+            'eval_iters': 2, 'log_interval': 5, 'target_loss': 3.6, 'limit_s': 60}
 
 
 def sync(device):
@@ -55,21 +60,25 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def setup_gpt(cfg):
-    """Configure gpt.py with the gpt settings in cfg (its out_dir, never written, is a temporary folder), build
-    the model and time its first step: with torch.compile on, that step compiles it."""
-    _, meta = gpt.setup({**{k: v for k, v in cfg.items() if k in gpt.DEFAULTS}, 'out_dir': tempfile.mkdtemp()})
-    model, optimizer, scaler = gpt.build(meta['vocab_size'])
-    step_model = torch.compile(model) if gpt.compile and gpt.device.startswith('cuda') else model
-    t0 = time.perf_counter()
-    gpt.train_step(step_model, optimizer, scaler, 0)
-    sync(gpt.device)
-    return meta, model, step_model, optimizer, scaler, time.perf_counter() - t0
+@contextlib.contextmanager
+def scratch_folder():
+    """A temporary folder, deleted afterwards, that also holds torch.compile's cache for this process and
+    the ones it starts: a compile timed in it starts cold, as on a new machine."""
+    old = os.environ.get('TORCHINDUCTOR_CACHE_DIR')
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ['TORCHINDUCTOR_CACHE_DIR'] = os.path.join(tmp, 'compile-cache')
+        try:
+            yield tmp
+        finally:
+            del os.environ['TORCHINDUCTOR_CACHE_DIR']
+            if old is not None:
+                os.environ['TORCHINDUCTOR_CACHE_DIR'] = old
 
 
-def matmul_peak(device):
-    """The device's own bfloat16 matmul throughput, measured (FLOP/s): the denominator of MFU."""
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+def matmul_peak(device, dtype):
+    """The device's own matmul throughput in the training dtype, measured (FLOP/s): the denominator of MFU."""
+    n = 8192 if device.startswith('cuda') else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ a
     sync(device)
@@ -77,69 +86,103 @@ def matmul_peak(device):
     for _ in range(20):
         a @ a
     sync(device)
-    return 20 * 2 * 8192 ** 3 / (time.perf_counter() - t0)
+    return 20 * 2 * n ** 3 / (time.perf_counter() - t0)
 
 
 def bench_train(cfg):
-    _, model, step_model, optimizer, scaler, first_s = setup_gpt(cfg)
-    for it in range(1, cfg['warmup']):
-        gpt.train_step(step_model, optimizer, scaler, it)
-    times, it = [], cfg['warmup']
-    for _ in range(cfg['repeats']):
-        sync(gpt.device)
+    """Training steps of a new model in this process: the first one (it compiles the model where gpt.build
+    does) timed apart, then the median ms/iter of the repeats. Prints a table; returns its figures."""
+    with scratch_folder() as tmp:
+        _, meta = gpt.setup({**{k: v for k, v in cfg.items() if k in gpt.DEFAULTS}, 'out_dir': f'{tmp}/out'})
+        model, optimizer, scaler = gpt.build(meta['vocab_size'])
+        cuda = gpt.device.startswith('cuda')
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        for _ in range(cfg['iters']):
-            loss = gpt.train_step(step_model, optimizer, scaler, it)
-            it += 1
-        loss.item()
-        times.append((time.perf_counter() - t0) / cfg['iters'])
+        gpt.train_step(model, optimizer, scaler, 0).item()  # .item() waits for the device
+        first_s = time.perf_counter() - t0
+        for it in range(1, cfg['warmup']):
+            gpt.train_step(model, optimizer, scaler, it)
+        times, it = [], max(1, cfg['warmup'])
+        for _ in range(cfg['repeats']):
+            sync(gpt.device)
+            t0 = time.perf_counter()
+            for _ in range(cfg['iters']):
+                loss = gpt.train_step(model, optimizer, scaler, it)
+                it += 1
+            loss.item()
+            times.append((time.perf_counter() - t0) / cfg['iters'])
     dt = statistics.median(times)
     tokens = gpt.batch_size * gpt.block_size * gpt.gradient_accumulation_steps
     n_params = sum(p.numel() for p in model.parameters())
-    rows = [('device, dtype', f"{gpt.device}, {gpt.dtype}"), ('parameters', f"{n_params / 1e6:.2f}M"),
-            ('tokens per iteration', f"{tokens:,}"), ('ms/iter (median)', f"{dt * 1000:.1f}"),
-            ('all repeats, ms/iter', ', '.join(f"{t * 1000:.1f}" for t in times)), ('tokens/s', f"{tokens / dt:,.0f}")]
-    if gpt.device.startswith('cuda'):
-        # 6 FLOPs per parameter per token (forward and backward), plus attention's q@k and att@v
-        flops_per_token = 6 * n_params + 12 * gpt.n_layer * gpt.n_embd * gpt.block_size
-        peak = matmul_peak(gpt.device)
-        rows += [('first step (compiles when on), s', f"{first_s:.1f}"), ('bf16 matmul peak, measured', f"{peak / 1e12:.0f} TFLOP/s"),
-                 ('MFU', f"{flops_per_token * tokens / dt / peak:.1%}"),
-                 ('peak GPU memory', f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")]
-    else:
-        rows.append(('peak process memory', f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"))
-    table(rows)
+    # 6 FLOPs per parameter per token (forward and backward), plus attention's q@k and att@v
+    flops_per_token = 6 * n_params + 12 * gpt.n_layer * gpt.n_embd * gpt.block_size
+    mfu = flops_per_token * tokens / dt / matmul_peak(gpt.device, getattr(torch, gpt.dtype))
+    peak_gib = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                * 1024) / 2 ** 30
+    table(['', 'value'], [
+        ['device, dtype, compiled', f"{gpt.device}, {gpt.dtype}, {gpt.compile}"],
+        ['parameters', f"{n_params / 1e6:.2f}M"], ['tokens per iteration', f"{tokens:,}"],
+        ['first step (compiles when compiled), s', f"{first_s:.1f}"], ['ms/iter (median)', f"{dt * 1000:.1f}"],
+        ['all repeats, ms/iter', ', '.join(f"{t * 1000:.1f}" for t in times)], ['tokens/s', f"{tokens / dt:,.0f}"],
+        ['MFU (of the measured matmul peak)', f"{mfu:.1%}"],
+        [f"peak {'GPU' if cuda else 'process'} memory, GiB", f"{peak_gib:.2f}"]])
+    return {'ms': dt * 1000, 'first_s': first_s, 'mfu': mfu * 100, 'peak_gib': peak_gib}
 
 
 def bench_target(cfg):
-    meta, model, step_model, optimizer, scaler, compile_s = setup_gpt(cfg)
-    it, eval_s, t_start = 1, 0.0, time.perf_counter()  # setup_gpt took step 0, and its time is compile_s
-    while True:
-        if it % gpt.eval_interval == 0 or it == gpt.max_iters:
-            t0 = time.perf_counter()
-            val = gpt.estimate_loss(model, meta, splits=('val',))['val']
-            eval_s += time.perf_counter() - t0
-            print(f"iter {it}: val loss {val:.4f} after {time.perf_counter() - t_start:.1f} s")
-            if val <= cfg['target_loss'] or it == gpt.max_iters:
-                break
-        gpt.train_step(step_model, optimizer, scaler, it)
-        it += 1
-    total = time.perf_counter() - t_start
-    table([('target val loss', f"{cfg['target_loss']}"), ('reached', f"{val:.4f}" + ('' if val <= cfg['target_loss'] else ' (missed)')),
-           ('iterations', f"{it}"), ('training, s', f"{total - eval_s:.1f}"), ('evaluation, s', f"{eval_s:.1f}"),
-           ('wall time, training + eval, s', f"{total:.1f}"), ('first step, compile included, s', f"{compile_s:.1f}")])
+    """Run `python gpt.py` with the gpt.py settings given, as a user would (its out_dir a temporary folder),
+    and stop it at the first eval whose val loss is at or below target_loss. Each line it prints is echoed
+    with its arrival time, in seconds from the start of the process. Prints a table; returns its figures."""
+    args = [f'--{k}={v}' for k, v in cfg.items() if k in gpt.DEFAULTS]
+    print(f"python gpt.py {' '.join(args)}, stopped at val loss <= {cfg['target_loss']}")
+    found, last = {}, ''
+    with scratch_folder() as tmp:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, gpt.__file__, *args, f'--out_dir={tmp}/out'], text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env={**os.environ, 'PYTHONUNBUFFERED': '1'})  # each line as it is printed
+        timer = threading.Timer(cfg['limit_s'], proc.kill)
+        timer.start()
+        try:
+            for line in proc.stdout:
+                t, last = time.perf_counter() - t0, line.rstrip('\n')
+                print(f"{t:7.2f} s  {last}", flush=True)
+                found.setdefault('first_line_s', t)
+                if step := re.match(r'iter (\d+)/\d+: loss ', last):
+                    found.setdefault('first_step_s', t)
+                    found.setdefault('first_step_iter', int(step[1]))
+                if evaluated := re.match(r'iter (\d+): train loss \S+, val loss (\S+),', last):
+                    found['iter'], found['val'] = int(evaluated[1]), float(evaluated[2])
+                    if found['val'] <= cfg['target_loss']:
+                        found['target_s'] = t
+                        break
+        finally:
+            timer.cancel()
+            proc.kill()  # nothing to save: the folder goes
+            code = proc.wait()
+            proc.stdout.close()
+    if code == 2 and 'target_s' not in found:  # gpt.py refused a setting: its one line says why
+        raise UserError(last.removeprefix('error: '))
+    end = f"reached at iter {found['iter']} (val loss {found['val']:.4f})" if 'target_s' in found else \
+        f"not reached in {cfg['limit_s']:g} s" if code == -9 else f"not reached: gpt.py ended with exit code {code}"
+    table(['', 'seconds from the start'], [[name, f"{found[key]:.1f}" if key in found else '-'] for name, key in (
+        ('first output line', 'first_line_s'),
+        (f"first step line (iter {found.get('first_step_iter', '-')}, compile included)", 'first_step_s'),
+        (f"val loss <= {cfg['target_loss']}: {end}", 'target_s'))])
+    return found
 
 
-def table(rows):
-    width = max(len(k) for k, _ in rows)
-    print(f"| {'':<{width}} | value |\n|{'-' * (width + 2)}|-------|")
-    for key, value in rows:
-        print(f"| {key:<{width}} | {value} |")
+def table(header, rows):  # a Markdown table, each column as wide as its widest cell
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, ['-' * w for w in widths], *rows]:
+        print('| ' + ' | '.join(f"{cell:<{w}}" for cell, w in zip(row, widths)) + ' |')
 
 
 def bench_sample(cfg):
     from sample import sample, stop_check  # here: the other benchmarks do without sample.py
     device, n = pick_device(cfg['device']), cfg['new_tokens']
+    torch.set_float32_matmul_precision('highest')  # float32 matmuls, as sample.py has them (gpt.setup sets TF32)
     torch.manual_seed(0)
     model = gpt.GPT(gpt.GPTConfig(cfg['vocab_size'], cfg['block_size'], cfg['n_layer'], cfg['n_head'],
                                   cfg['n_embd'])).to(device).eval()
@@ -171,17 +214,18 @@ def bench_sample(cfg):
             sync(device)
             times[name].append(time.perf_counter() - t0)
     seconds = {name: statistics.median(t) for name, t in times.items()}
-    print(f"| {'path':<40} | {'seconds':>8} | {'tokens/s':>9} | {'ms/token':>8} |")
-    print(f"|{'-' * 42}|{'-' * 10}|{'-' * 11}|{'-' * 10}|")
-    for name, s in seconds.items():
-        print(f"| {name:<40} | {s:>8.2f} | {n / s:>9.1f} | {s / n * 1000:>8.2f} |")
-    recompute, cached, floor = (seconds[k] for k in ('recompute (no cache)', 'KV cache', 'one-token forwards (the floor)'))
+    table(['path', 'seconds', 'tokens/s', 'ms/token'],
+          [[name, f"{s:.2f}", f"{n / s:.1f}", f"{s / n * 1000:.2f}"] for name, s in seconds.items()])
+    recompute, cached, floor = (seconds[k] for k in ('recompute (no cache)', 'KV cache',
+                                                     'one-token forwards (the floor)'))
+    same = torch.equal(outs['KV cache'], outs['recompute (no cache)'])
     print(f"speed-up with the cache: {recompute / cached:.1f}x (recompute / floor, the most a cache could give "
           f"here: {recompute / floor:.1f}x)")
     print(f"a cached step takes {cached / floor:.2f}x a bare one-token forward")
     print(f"with repetition penalty + stop text: {cached / seconds['KV cache, repetition penalty + stop text']:.0%} "
           "of the tokens/s")
-    print(f"same text from both paths: {torch.equal(outs['KV cache'], outs['recompute (no cache)'])}")
+    print(f"same text from both paths: {same}")
+    return {'tokens_per_s': n / cached, 'speedup': recompute / cached, 'same_text': same}
 
 
 def bench_plot(cfg):
@@ -222,47 +266,159 @@ def bench_plot(cfg):
             f'<text x="{x(best) - 8:.1f}" y="{y(evals[best][1]) - 10:.1f}" text-anchor="end">best val '
             f'{evals[best][1]:.4f}</text></svg>']
     svg = os.path.join(cfg['out_dir'], 'loss.svg')
-    with open(svg, 'w', encoding='utf-8') as f:
-        f.write('\n'.join(out) + '\n')
+    try:
+        with open(svg, 'w', encoding='utf-8') as f:
+            f.write('\n'.join(out) + '\n')
+    except OSError as e:
+        raise UserError(f"cannot write {svg} ({e.strerror or e}); make {cfg['out_dir']}/ writable, or copy "
+                        "log.csv into a folder that is and plot that one") from None
     print(f"wrote {svg}: {len(its)} evals, best val loss {evals[best][1]:.4f} at iter {best}")
 
 
+def time_startup(device):
+    """Seconds that `python -c "import torch"` takes, and how much longer it takes to also put a first tensor
+    on the device (CUDA's initialization). The faster of two runs each: the first may read a cold disk."""
+    def seconds(code):
+        def once():
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, '-c', code], check=True)
+            return time.perf_counter() - t0
+        return min(once(), once())
+    import_s = seconds('import torch')
+    init_s = seconds(f"import torch; torch.zeros(1, device='{device}')") - import_s
+    print(f"import torch: {import_s:.2f} s; a first tensor on {device}: {init_s:.2f} s more")
+    return {'import_s': import_s, 'init_s': init_s}
+
+
+COMPILE_TEST = 'test_compiled_and_eager_training_give_close_losses'
+
+
+def cuda_tests():
+    """test_gpt.TestCUDA, in a process of its own: how many ran, passed and were skipped (all of them without
+    a GPU), and how the test of compiled against eager training ended."""
+    done = subprocess.run([sys.executable, '-m', 'unittest', '-v', 'test_gpt.TestCUDA'], capture_output=True,
+                          text=True, timeout=150, cwd=os.path.dirname(os.path.abspath(__file__)))
+    print(done.stderr.strip())  # unittest reports on stderr
+    ran = int(re.search(r'^Ran (\d+) tests?', done.stderr, re.M)[1])
+    failed = set(re.findall(r'^(?:FAIL|ERROR): (\w+)', done.stderr, re.M))
+    skipped = sum(int(n) for n in re.findall(r'skipped=(\d+)', done.stderr.splitlines()[-1]))
+    compiled = 'not found' if COMPILE_TEST not in done.stderr else 'failed' if COMPILE_TEST in failed else \
+        'skipped' if skipped == ran else 'passed'
+    return {'ran': ran, 'passed': ran - len(failed) - skipped, 'skipped': skipped, 'compiled': compiled}
+
+
+def attempt(title, step, *args):  # a step of `bench.py gpu`: its figures, or {} (and why) if it failed
+    print(f"\n## {title}")
+    try:
+        return step(*args)
+    except (Exception, SystemExit):  # the other steps still run, and the table still comes
+        traceback.print_exc()
+        return {}
+
+
 def bench_gpu(cfg):
-    """The GPU checks and records, in one go: 1) the CUDA unit tests, 2) training speed at the reference
-    size with and without torch.compile, 3) time to val loss 1.47 with the reference recipe, 4) generation
-    speed with and without the KV cache. dry=true runs the same steps at a tiny size on the CPU."""
-    if cfg['dry']:
-        size = dict(n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=8, device='cpu', eval_iters=2)
-        ref, train, target = {**REFERENCE, **size}, {'iters': 3, 'warmup': 2, 'repeats': 1}, \
-            {'target_loss': 4.0, 'max_iters': 20, 'lr_decay_iters': 20, 'eval_interval': 10, 'warmup_iters': 5}
-        sample = {**SAMPLE, 'n_layer': 2, 'n_head': 2, 'n_embd': 64, 'block_size': 32, 'new_tokens': 40,
-                  'repeats': 1, 'device': 'cpu'}
+    """Every figure of the GPU records in one table, each with its target, from one run: on an H200 about 4
+    minutes, under 7 at most (startup ~20 s, the card's command <= 120 s, training ~70 s, generation ~25 s,
+    the CUDA unit tests <= 150 s). The card's command runs first, so that nothing before it warms a cache.
+    dry=true runs every step at a tiny size on the CPU: the figures mean nothing, the script is checked."""
+    dry = cfg['dry']
+    device = 'cpu' if dry else pick_device('cuda')  # one line, not a traceback, where there is no GPU
+    name = f"{platform.processor() or 'a CPU'} (a dry run)" if dry else torch.cuda.get_device_name()
+    print(f"bench.py gpu on {name}, torch {torch.__version__}{'' if dry else f' (CUDA {torch.version.cuda})'}, "
+          f"Python {platform.python_version()}, {datetime.date.today()}")
+    if dry:
+        ref, card = {**REFERENCE, **DRY}, {**TARGET, **DRY_CARD}
+        train, gen = {'iters': 3, 'warmup': 2, 'repeats': 1}, {**DRY, 'new_tokens': 40, 'repeats': 1}
     else:
-        pick_device('cuda')  # one line, not a traceback, where there is no GPU
-        ref, train, target, sample = REFERENCE, {}, {}, {**SAMPLE, 'device': 'cuda'}
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if ref['device'] == 'cuda' else 'CPU (dry run)'}")
-    print("\n## 1. CUDA unit tests")
-    tests = subprocess.run([sys.executable, '-m', 'unittest', '-v', 'test_gpt.TestCUDA'],
-                           cwd=os.path.dirname(os.path.abspath(__file__)))
-    for compile_ in (True, False):
-        print(f"\n## 2. bench.py train at the reference size, compile={compile_}")
-        bench_train({**gpt.DEFAULTS, **TRAIN, **ref, **train, 'compile': compile_})
-    print("\n## 3. bench.py target at the reference recipe")
-    bench_target({**gpt.DEFAULTS, **TARGET, **ref, **target})
-    print("\n## 4. bench.py sample")
-    bench_sample(sample)
-    if tests.returncode:
-        raise UserError("some CUDA unit tests failed: see their output above")
+        ref, card, train, gen = REFERENCE, {**TARGET, **CARD}, {}, {}
+    startup = attempt('Startup: python -c "import torch", then with a first tensor', time_startup, device)
+    run = attempt(f"The card's command, compiling from cold, stopped at val loss <= {card['target_loss']}",
+                  bench_target, card)
+    compiled, eager = (attempt(f'Training steps at the reference size, compile={c}', bench_train,
+                               {**TRAIN, **ref, **train, 'compile': c}) for c in (True, False))
+    gen = attempt('Generation with and without the KV cache', bench_sample, {**SAMPLE, 'device': device, **gen})
+    tests = attempt('The CUDA unit tests (test_gpt.TestCUDA)', cuda_tests)
+
+    def row(figure, value, fmt='.1f', most=None, least=None, note='', absent='failed'):  # against its target
+        target = f"<= {most:,g}" if most is not None else f">= {least:,g}" if least is not None else ''
+        met = value is not None and (most is None or value <= most) and (least is None or value >= least)
+        return [figure, absent if value is None else format(value, fmt), f"{target} {note}".strip(),
+                ('met' if met else 'MISSED') if target else '']
+    rows = [
+        row('training step at the reference size, compiled, ms/iter', compiled.get('ms'), most=12,
+            note='(nanoGPT: 17.8)'),
+        row('training step, eager, ms/iter', eager.get('ms')),
+        row('first step, compiling from a cold cache, s', compiled.get('first_s'), most=10),
+        row('MFU, compiled, % of the measured matmul peak', compiled.get('mfu')),
+        row('peak memory, compiled, GiB', compiled.get('peak_gib'), '.2f'),
+        row('python -c "import torch", s', startup.get('import_s'), '.2f'),
+        row(f"{device} initialization (a first tensor), s", startup.get('init_s'), '.2f'),
+        row("card's command: first output line, s", run.get('first_line_s')),
+        row(f"card's command: first step line (iter {run.get('first_step_iter', '?')}, compile included), s",
+            run.get('first_step_s')),
+        row(f"card's command: val loss <= {card['target_loss']}, s", run.get('target_s'),
+            most=card['limit_s'] if dry else 30, note='' if dry else '(nanoGPT: 96)',
+            absent=f"not reached (last eval: iter {run['iter']}, val {run['val']:.4f})" if 'val' in run else 'failed'),
+        row('generation with the KV cache, batch 1, tokens/s', gen.get('tokens_per_s'), ',.0f', least=3000),
+        row('KV cache speed-up over recompute, x', gen.get('speedup'), least=2)]
+    t, same = tests, gen.get('same_text')
+    passed = f"{t['passed']} of {t['ran']}" + (f", {t['skipped']} skipped" if t['skipped'] else '') if t else 'failed'
+    exact = [  # figure, value, target, ok: True, False, or None where not run (TestCUDA skips without a GPU)
+        ['CUDA unit tests (test_gpt.TestCUDA) passed', passed, 'all',
+         None if t and t['skipped'] == t['ran'] else bool(t) and t['passed'] == t['ran']],
+        ['KV cache and recompute give the same text', {True: 'yes', False: 'no', None: 'failed'}[same], 'yes',
+         bool(same)],
+        ['compiled and eager losses within tolerance (TestCUDA)', t.get('compiled', 'failed'), 'passed',
+         None if t.get('compiled') == 'skipped' else t.get('compiled') == 'passed']]
+    rows += [[*cells, {True: 'met', False: 'MISSED', None: 'not run'}[ok]] for *cells, ok in exact]
+    print(f"\n## All figures{' (a dry run: they check the script, not the GPU)' if dry else ''}")
+    table(['figure', 'value', 'target', ''], rows)
+    broken = [figure for figure, _, _, ok in exact if ok is False]
+    if {} in (startup, run, compiled, eager, gen, tests):
+        broken.append('a step failed: see its traceback above')
+    if broken:
+        sys.exit(f"error: {'; '.join(broken)}")
+
+
+def usage(modes):  # --help: what each mode does, then its own keys with their defaults and meanings
+    notes = {}
+    for path, pattern in ((gpt.__file__, r"^(\w+) = .*?  # (.*)$"), (__file__, r"^    '(\w+)': .*?,  # (.*)$")):
+        notes.update(re.findall(pattern, pathlib.Path(path).read_text('utf-8'), re.M))
+    print(__doc__.strip())
+    for mode, (defaults, _) in modes.items():
+        print(f"\n{mode}:" + (' (and gpt.py\'s settings: python gpt.py --help)' if mode in ('train', 'target') else ''))
+        print('\n'.join(f"  --{f'{k}={v!r}':<31} {notes.get(k, '')}" for k, v in defaults.items()))
+
+
+def check(cfg):  # bench.py's own settings (gpt.setup checks gpt.py's): one line that names the fix
+    rules = [(cfg[k] >= 1, f"--{k}={cfg[k]} must be 1 or more")
+             for k in ('iters', 'repeats', 'new_tokens', 'n_head', 'n_embd', 'block_size', 'vocab_size') if k in cfg]
+    rules += [(cfg[k] >= 0, f"--{k}={cfg[k]} must be 0 or more") for k in ('warmup', 'n_layer') if k in cfg]
+    rules += [(0 < cfg[k] < float('inf'), f"--{k}={cfg[k]} must be positive") for k in ('target_loss', 'limit_s')
+              if k in cfg]
+    rules += [(cfg[k] < 1 or cfg['n_embd'] % cfg[k] == 0, f"--n_embd={cfg['n_embd']} must be a multiple of "
+               f"--n_head={cfg[k]}; use an --n_head that divides it") for k in ('n_head',) if k in cfg]
+    for ok, message in rules:
+        if not ok:
+            raise UserError(message)
 
 
 def main(argv):
-    modes = {'train': ({**gpt.DEFAULTS, **TRAIN}, bench_train), 'target': ({**gpt.DEFAULTS, **TARGET}, bench_target),
-             'sample': (SAMPLE, bench_sample), 'plot': (PLOT, bench_plot), 'gpu': (GPU, bench_gpu)}
+    modes = {'train': (TRAIN, bench_train), 'target': (TARGET, bench_target), 'sample': (SAMPLE, bench_sample),
+             'plot': (PLOT, bench_plot), 'gpu': (GPU, bench_gpu)}
+    if {'-h', '--help'} & set(argv):
+        return usage(modes)
     if not argv or argv[0] not in modes:
-        raise UserError(f"say what to run: python bench.py {{{'|'.join(modes)}}} [--key=value ...]")
-    defaults, run = modes[argv[0]]
-    run({**defaults, **parse_args(argv[1:], defaults, __file__ if argv[0] in ('plot', 'gpu') else gpt.__file__)})
+        raise UserError(f"say what to run: python bench.py {{{'|'.join(modes)}}} [--key=value ...]; --help says more")
+    own, run = modes[argv[0]]
+    both = argv[0] in ('train', 'target')  # these take the gpt.py settings too
+    given = parse_args(argv[1:], {**gpt.DEFAULTS, **own} if both else own, __file__)
+    if both and (kept := {'out_dir', 'init_from'} & given.keys()):
+        raise UserError(f"--{min(kept)}: bench.py {argv[0]} trains a new model in a temporary folder; drop it")
+    check({k: given.get(k, v) for k, v in own.items()})
+    run({**own, **given})
 
 
 if __name__ == '__main__':
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C unwinds, cleaning up runs and folders
     run_cli(main)

@@ -5,17 +5,19 @@ Generate text from a trained checkpoint.
     python sample.py --start=FILE:prompt.txt --num_samples=1 --top_p=0.9
     python sample.py --start="ROMEO:" --beams=4           # beam search: the likeliest continuation
 
-Read top to bottom: the context window and its KV cache (each new token runs through the model alone) ->
-decoding (sampling, beam search) -> command line. Sampling goes: repetition penalty -> temperature -> top-k ->
-top-p (nucleus) -> draw.
+Read top to bottom: the context window and its KV cache (each new token runs through the model alone, on
+CUDA as a replayed graph) -> decoding (sampling, beam search) -> command line. Sampling goes: repetition
+penalty -> temperature -> top-k -> top-p (nucleus) -> draw.
 """
-import math
-import sys
+import os, signal, sys  # noqa: E401
+if __name__ == '__main__':  # before the slow imports: Ctrl-C while torch loads ends in one line, exit 130
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write('error: stopped by Ctrl-C\n'), os._exit(130)))
+import math  # noqa: E402
 
-import torch
-from torch.nn import functional as F
+import torch  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
 
-from gpt import UserError, load_model, parse_args, pick_device, run_cli
+from gpt import UserError, load_model, parse_args, pick_device, run_cli  # noqa: E402
 
 out_dir = 'out'  # the training run to sample from; its ckpt.pt holds the weights with the best val loss
 start = '\n'  # the text every sample continues; FILE:path reads it from a file
@@ -46,31 +48,69 @@ def window_start(T, block_size):
     return 0 if T <= block_size else math.ceil((T - block_size) / hop) * hop
 
 class KVCache:
-    """The keys and values of the first `length` tokens of the window, in every layer. GPT.forward reads
-    `length` (where the new tokens' positions start) and calls layers[i].append; next_logits advances it."""
+    """The keys and values of the window's first `length` tokens, in every layer. GPT.forward reads `length`
+    (where the new tokens' positions start) and calls layers[i].append; the caller advances it. Everything
+    stays in place, at one size, so that the one-token step runs the same kernels on the same memory every
+    time, and on CUDA can be captured once as a graph and replayed (one_token_step)."""
 
     def __init__(self, config):
         self.layers = [LayerCache(self, config.block_size) for _ in range(config.n_layer)]
-        self.length = 0
+        self.length = None  # a 0-d tensor on the model's device, as forward and a CUDA graph read it
+        self.filled = 0  # the same number for Python to read: reading a tensor on a GPU waits for the GPU
+        self.graph = None
 
+    def clear(self, device):  # the window moved: forget every token
+        if self.length is None:
+            self.length = torch.zeros((), dtype=torch.long, device=device)
+        self.length.zero_()  # in place, as in advance and reorder: a captured graph reads this very memory
+        self.filled = 0
+
+    def advance(self, n):  # the last forward's n tokens are in
+        self.length += n
+        self.filled += n
+
+    @torch.inference_mode()  # the buffers were made in inference mode; only there may they change
     def reorder(self, rows):  # beam search: new row b continues the text of old row rows[b]
         for layer in self.layers:
-            layer.k, layer.v = layer.k.index_select(0, rows), layer.v.index_select(0, rows)
+            layer.k.copy_(layer.k[rows])
+            layer.v.copy_(layer.v[rows])
 
 class LayerCache:
-    """One layer's keys and values, in buffers of block_size slots written in place: no step copies the cache."""
+    """One layer's keys and values, in buffers of block_size slots: slot i holds the window's token i."""
 
     def __init__(self, cache, block_size):
-        self.cache, self.block_size, self.k, self.v = cache, block_size, None, None
+        self.cache, self.block_size, self.k, self.v, self.slots = cache, block_size, None, None, None
 
     def append(self, k, v):
-        """Store the new tokens' k, v (B, nh, T, hs); return those of every token so far, (B, nh, length + T, hs)."""
+        """Write the new tokens' k, v (B, nh, T, hs) into slots length.. length+T-1. Return every slot,
+        (B, nh, block_size, hs) each, and the mask (T, block_size) of the slots each new token may attend to:
+        itself and the tokens before it. Slots past it hold zeros or an older window's keys, masked out."""
         if self.k is None:  # the first call tells the batch size, head size, dtype and device
-            B, nh, _, hs = k.shape
-            self.k, self.v = k.new_empty(B, nh, self.block_size, hs), v.new_empty(B, nh, self.block_size, hs)
-        past, now = self.cache.length, self.cache.length + k.shape[2]
-        self.k[:, :, past:now], self.v[:, :, past:now] = k, v
-        return self.k[:, :, :now], self.v[:, :, :now]  # views: nothing is copied
+            B, nh, _, hs = k.shape  # zeros, not empty memory: a masked slot's weight is 0, and 0 * nan is nan
+            self.k, self.v = k.new_zeros(B, nh, self.block_size, hs), v.new_zeros(B, nh, self.block_size, hs)
+            self.slots = torch.arange(self.block_size, device=k.device)  # (block_size,)
+        pos = self.cache.length + torch.arange(k.shape[2], device=k.device)  # (T,): the new tokens' positions
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v, self.slots <= pos[:, None]  # (T, 1) against (block_size,) -> (T, block_size)
+
+def one_token_step(model, cache, token):
+    """Logits (B, V) after `token` (B, 1), the newest token of a window whose earlier tokens the cache holds.
+    On a CPU, one forward. On CUDA, a ~100-kernel forward of a token would spend most of its time in Python
+    launching kernels, so the step is captured once as a CUDA graph, then replayed: one launch per token."""
+    if token.device.type != 'cuda':
+        return model(token, cache=cache)[0][:, -1]
+    if cache.graph is None:  # capture, after a warm-up on the capture's own stream (as PyTorch's docs advise:
+        cache.graph, cache.token, stream = torch.cuda.CUDAGraph(), token.clone(), torch.cuda.Stream()  # cuBLAS
+        stream.wait_stream(torch.cuda.current_stream())  # and the allocator set up there, not while capturing)
+        with torch.cuda.stream(stream):
+            model(cache.token, cache=cache)  # it writes the slot that the replay below writes again
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(cache.graph, stream=stream):  # records the kernels, runs none
+            cache.logits = model(cache.token, cache=cache)[0][:, -1]  # (B, V), in the graph's own memory
+    cache.token.copy_(token)
+    cache.graph.replay()
+    return cache.logits.clone()  # the next replay overwrites cache.logits
 
 @torch.inference_mode()  # no autograd bookkeeping; sample() makes ordinary tensors of the logits it gets
 def next_logits(model, idx, cache=None):
@@ -80,11 +120,12 @@ def next_logits(model, idx, cache=None):
     start = window_start(idx.shape[1], model.config.block_size)
     if cache is None:
         return model(idx[:, start:])[0][:, -1]
-    if start + cache.length != idx.shape[1] - 1:  # the window moved (or a first call): refill it whole, as
-        cache.length = 0  # gpt.py's attention takes on a cache either a whole window or one new token
-    new = idx[:, start + cache.length:]  # (B, 1), or (B, T - start) to refill
-    logits = model(new, cache=cache)[0][:, -1]
-    cache.length += new.shape[1]
+    if cache.filled and start + cache.filled == idx.shape[1] - 1:  # it holds the window but its newest token
+        logits = one_token_step(model, cache, idx[:, -1:])
+    else:  # a first call (it makes the buffers), or the window moved: refill the cache from the whole window
+        cache.clear(idx.device)
+        logits = model(idx[:, start:], cache=cache)[0][:, -1]
+    cache.advance(idx.shape[1] - start - cache.filled)
     return logits
 
 # -----------------------------------------------------------------------------
@@ -97,7 +138,9 @@ def filter_logits(logits, idx, temperature, top_k, top_p, repetition_penalty):
         seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, idx, True)  # (B, V)
         penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
         logits = torch.where(seen, penalized, logits)
-    logits = logits / temperature
+    if temperature != 1.0:  # the likeliest token first moved to 0, the rest below: then at any temperature
+        # above 0, however small (1e-40), the logits go to -inf at worst, never to inf, where softmax gives nan
+        logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     k = min(top_k, logits.shape[-1])
     if k == logits.shape[-1] and top_p == 1.0:
         return logits  # every token stays: no sort at all
@@ -138,12 +181,16 @@ def beam_search(model, idx, max_new_tokens, beams, length_penalty=1.0, stopped=N
     if max_new_tokens == 0:
         return idx
     cache = KVCache(model.config) if use_cache else None
-    scores = torch.zeros(1, device=idx.device)  # (b,): total log-probability of each beam
+    # All b beams from the start, so that the batch (and the cache) keeps one size: b copies of the prompt,
+    # all but one at -inf, out of the race until they take over the likeliest continuations of the first.
+    idx = idx.repeat(beams, 1)  # (b, T)
+    scores = torch.full((beams,), float('-inf'), device=idx.device)  # (b,): total log-probability of each beam
+    scores[0] = 0.0
     finished = []  # (normalized score, tokens)
     for step in range(1, max_new_tokens + 1):
         logprobs = F.log_softmax(next_logits(model, idx, cache).float(), dim=-1)  # (b, V)
         V = logprobs.shape[-1]
-        scores, flat = (scores[:, None] + logprobs).flatten().topk(min(beams, logprobs.numel()))  # (b,)
+        scores, flat = (scores[:, None] + logprobs).flatten().topk(beams)  # (b,)
         parent, token = flat // V, flat % V
         idx = torch.cat((idx[parent], token[:, None]), dim=1)  # (b, T + step)
         if cache is not None:
@@ -179,7 +226,8 @@ def check(cfg, given):
              ('repetition_penalty', cfg['repetition_penalty'] > 0, 'must be above 0 (1 turns it off)'),
              ('beams', cfg['beams'] >= 1, 'must be 1 or more'),
              ('max_new_tokens', cfg['max_new_tokens'] >= 0, 'must be 0 or more'),
-             ('num_samples', cfg['num_samples'] >= 1, 'must be 1 or more')]
+             ('num_samples', cfg['num_samples'] >= 1, 'must be 1 or more'),
+             ('seed', 0 <= cfg['seed'] < 2 ** 63, 'must be 0 or more and below 2**63')]
     for key, ok, why in rules:
         if not ok:
             raise UserError(f"--{key}={cfg[key]} {why}")
@@ -187,6 +235,19 @@ def check(cfg, given):
     if cfg['beams'] > 1 and clash:
         raise UserError(f"--beams={cfg['beams']} is deterministic beam search; drop --{clash[0]} (a sampling option), "
                         "or use --beams=1 to sample")
+
+def check_memory(cfg, config, prompt_len, device):
+    """One line, before anything is allocated, if the batch cannot fit in the device's memory: its KV cache
+    and a step's logits (float32), and its texts (int64 token ids), kept whole to the end."""
+    batch, key = (cfg['beams'], 'beams') if cfg['beams'] > 1 else (cfg['num_samples'], 'num_samples')
+    need = batch * (4 * (2 * config.n_layer * config.block_size * config.n_embd + config.vocab_size)
+                    + 8 * (prompt_len + cfg['max_new_tokens']))
+    have = torch.cuda.mem_get_info(device)[1] if device.startswith('cuda') else \
+        os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    if need > have:
+        raise UserError(f"--{key}={batch} with --max_new_tokens={cfg['max_new_tokens']} needs about "
+                        f"{need / 2 ** 30:,.1f} GiB of memory, more than the {have / 2 ** 30:,.1f} GiB of {device}; "
+                        f"lower --{key} or --max_new_tokens")
 
 def main(argv):
     given = parse_args(argv, DEFAULTS, __file__)
@@ -204,7 +265,9 @@ def main(argv):
     if not text:
         raise UserError("--start is empty; give at least one character to continue, e.g. --start=$'\\n' in bash")
     model, tokenizer = load_model(cfg['out_dir'], dev)
-    idx = torch.tensor([tokenizer.encode(text)], dtype=torch.long, device=dev)
+    prompt = tokenizer.encode(text)
+    check_memory(cfg, model.config, len(prompt), dev)
+    idx = torch.tensor([prompt], dtype=torch.long, device=dev)
     stop = cfg['stop']
     stopped = stop_check(tokenizer, stop, idx.shape[1]) if stop else None
 

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pathlib
+import random
 import re
 import runpy
 import signal
@@ -188,8 +189,9 @@ class TestBPE(DataDirTest):
         meta, tok = self.bpe()
         self.assertEqual(meta['vocab_size'], 300)
         self.assertLess(len(tok.encode(TEXT)), 0.6 * len(TEXT.encode('utf-8')))
-        self.assertEqual(gpt.merge(np.array([7, 7, 7, 1, 7, 7]), (7, 7), 9).tolist(), [9, 7, 1, 9])
-        self.assertEqual(gpt.merge(np.array([7, 7, 7, 7, 7, 2, 7]), (7, 7), 9).tolist(), [9, 9, 7, 2, 7])
+        one_merge = gpt.BPETokenizer([(7, 7)])  # bytes 7, 7 -> id 256
+        self.assertEqual(one_merge.encode('\x07\x07\x07\x01\x07\x07'), [256, 7, 1, 256])
+        self.assertEqual(one_merge.encode('\x07\x07\x07\x07\x07\x02\x07'), [256, 256, 7, 2, 7])
 
     def test_bpe_encode_of_the_train_text_equals_the_tokens_prepare_wrote(self):
         meta, tok = self.bpe()
@@ -246,7 +248,7 @@ class TestModel(unittest.TestCase):
         idx = torch.randint(11, (3, 8))
         self.assertTrue(torch.allclose(flash(idx)[0], explicit(idx)[0], atol=1e-5))
         q, k, v = torch.randn(3, 2, 2, 5, 4).unbind(0)  # (B, nh, T, hs) each
-        self.assertTrue(torch.allclose(gpt.Head(0.0)(q, k, v),
+        self.assertTrue(torch.allclose(gpt.Head(0.0, flash=False)(q, k, v),
                                        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
                                        atol=1e-6))
 
@@ -893,6 +895,430 @@ def csv_rows(path):
         yield from csv.DictReader(f)
 
 
+def recounted_bpe(ids, vocab_size):
+    """BPE learned the slow, obvious way: recount every pair after each merge (what prepare.py did before)."""
+    merges = []
+    for new_id in range(256, vocab_size):
+        counts = np.bincount(ids[:-1].astype(np.int64) * new_id + ids[1:])  # pair (a, b) -> a * new_id + b
+        if counts.max() < 2:
+            break
+        pair = divmod(int(counts.argmax()), new_id)  # of equal counts the first, so the smallest pair
+        fused, i = [], 0
+        while i < len(ids):  # each occurrence of pair, left to right, becomes new_id: 'aaa' -> 'Na'
+            hit = i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair
+            fused.append(new_id if hit else ids[i])
+            i += 2 if hit else 1
+        ids = np.array(fused)
+        merges.append(pair)
+    return merges, ids
+
+
+def open_in_a_read_only_folder(path, mode='r', **kwargs):  # as root, chmod would not stop the writes
+    if str(path).endswith('.tmp'):
+        raise OSError(errno.EROFS, 'Read-only file system', path)
+    return open(path, mode, **kwargs)
+
+
+def byte_ids(text):
+    return np.frombuffer(text.encode('utf-8'), dtype=np.uint8).astype(np.int32)
+
+
+class TestBPELearning(unittest.TestCase):
+
+    def test_bpe_learning_with_incremental_counts_gives_the_same_merges_and_ids_as_recounting(self):
+        rng = random.Random(0)
+        texts = ['aaaaa', 'aaaaaaaaab aaaa aaa aa a ' * 4, 'abababab abab cdcdcd ' * 5, TEXT[:2000],
+                 'Ünïcödé — 漢字漢字, emoji 🙂🙂🙂, tabs\tand\r\nnewlines ' * 4,
+                 *[''.join(rng.choice('aab ') for _ in range(400)) for _ in range(4)]]  # runs and many ties
+        for text in texts:
+            for vocab_size in (257, 300, 700):  # 700: most of these texts run out of repeated pairs first
+                with self.subTest(text=text[:20], vocab_size=vocab_size):
+                    merges, ids = quiet(prepare.train_bpe, byte_ids(text), vocab_size)
+                    expected_merges, expected_ids = recounted_bpe(byte_ids(text), vocab_size)
+                    self.assertEqual(merges, expected_merges)
+                    self.assertEqual(ids.tolist(), expected_ids.tolist())
+                    self.assertEqual(gpt.BPETokenizer(merges).encode(text), ids.tolist())
+
+    def test_bpe_learns_8192_tokens_in_seconds_and_shows_its_progress(self):
+        rng = random.Random(0)  # 100 KB of 3000 made-up words: enough repeated pairs for thousands of merges
+        words = [''.join(rng.choices('abcdefghijklmnopqrstuvwxyz', k=rng.randint(2, 9))) for _ in range(3000)]
+        text = ' '.join(rng.choice(words) for _ in range(17000))[:100_000]
+        start = time.perf_counter()
+        log = output_of(prepare.train_bpe, byte_ids(text), 8192)  # recounting took minutes
+        self.assertLess(time.perf_counter() - start, 15)
+        self.assertRegex(log, r'learning merges: 4,096 of 7,936, the train text is down to [\d,]+ tokens')
+
+
+class TestPrepareAndTheDisk(DataDirTest):
+    """A failing prepare.py ends in one line, leaves no .tmp file, and keeps what the folder held."""
+
+    def assert_failed_cleanly(self, code, err, before, words):
+        self.assertEqual(code, 2, err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertRegex(err, words)
+        self.assertEqual(snapshot(self.data_dir), before)
+        self.assertEqual([n for n in os.listdir(self.data_dir) if n.endswith('.tmp')], [])
+
+    @unittest.skipUnless(os.path.exists('/dev/full'), 'needs /dev/full, a device that is always full')
+    def test_a_full_disk_ends_in_one_line_keeps_the_old_data_and_leaves_no_tmp(self):
+        before = snapshot(self.data_dir)
+        real_open = open
+        for tokenizer in ('char', 'bpe'):
+            for full in ('train.bin.tmp', 'val.bin.tmp', 'meta.json.tmp'):
+                def open_on_a_full_disk(path, mode='r', **kwargs):
+                    if str(path).endswith(full):  # the .tmp file is made, then every write to it fails
+                        real_open(path, mode, **kwargs).close()
+                        path = '/dev/full'
+                    return real_open(path, mode, **kwargs)
+                with self.subTest(tokenizer=tokenizer, full=full), \
+                        mock.patch.object(prepare, 'open', open_on_a_full_disk, create=True):
+                    code, _, err = cli('prepare.py', [f'--input={self.input}', f'--data_dir={self.data_dir}',
+                                                      f'--tokenizer={tokenizer}', '--vocab_size=300'])
+                    self.assert_failed_cleanly(code, err, before, r'^error: cannot write to .*/data/ \(No space '
+                                               r'left on device\); free some space.* or pass another --data_dir')
+
+    def test_a_read_only_folder_ends_in_one_line_and_keeps_the_old_data(self):
+        before = snapshot(self.data_dir)
+        for tokenizer in ('char', 'bpe'):
+            with self.subTest(tokenizer=tokenizer), \
+                    mock.patch.object(prepare, 'open', open_in_a_read_only_folder, create=True):
+                code, _, err = cli('prepare.py', [f'--input={self.input}', f'--data_dir={self.data_dir}',
+                                                  f'--tokenizer={tokenizer}', '--vocab_size=300'])
+                self.assert_failed_cleanly(code, err, before, r'^error: cannot write to .*/data/ '
+                                                              r'\(Read-only file system\); ')
+
+    def test_a_download_into_a_read_only_folder_ends_in_one_line_and_leaves_no_file(self):
+        cwd = os.getcwd()
+        os.chdir(self.dir)
+        self.addCleanup(os.chdir, cwd)
+        os.remove('input.txt')
+        with mock.patch.object(prepare.urllib.request, 'urlopen') as urlopen, \
+                mock.patch.object(prepare, 'open', open_in_a_read_only_folder, create=True):
+            urlopen.return_value.__enter__.return_value.read.return_value = TEXT.encode()
+            code, _, err = cli('prepare.py', [])
+        self.assertEqual((code, err), (2, 'error: cannot write input.txt (Read-only file system); free some space, '
+                                          'or pass --input=YOUR_TEXT.txt\n'))
+        self.assertEqual(sorted(os.listdir(self.dir)), ['data'])
+
+    def test_a_data_dir_that_is_a_file_ends_in_one_line_and_changes_no_file(self):
+        before = snapshot(self.dir)
+        for data_dir in (self.input, f'{self.input}/sub'):
+            with self.subTest(data_dir=data_dir):
+                code, _, err = cli('prepare.py', [f'--input={self.input}', f'--data_dir={data_dir}'])
+                self.assertEqual(code, 2, err)
+                self.assertEqual(err, f'error: cannot write to {data_dir}/ ('
+                                      f'{"a file has that name" if data_dir == self.input else "Not a directory"}); '
+                                      'free some space, make it writable or pass another --data_dir\n')
+        self.assertEqual(snapshot(self.dir), before)
+
+    def test_ctrl_c_while_preparing_leaves_no_tmp_and_keeps_the_old_data(self):
+        before = snapshot(self.data_dir)
+        real_read_chunks = prepare.read_chunks
+
+        def stopped_while_encoding(path, progress=''):  # Ctrl-C after a few chunks of pass 2 were written
+            for i, chunk in enumerate(real_read_chunks(path, progress)):
+                if progress.startswith('pass 2') and i == 3:
+                    raise KeyboardInterrupt
+                yield chunk
+        for tokenizer, patch in (('char', mock.patch.object(prepare, 'read_chunks', stopped_while_encoding)),
+                                 ('bpe', mock.patch.object(prepare, 'train_bpe', side_effect=KeyboardInterrupt))):
+            with self.subTest(tokenizer=tokenizer), patch, mock.patch.object(prepare, 'CHUNK', 100):
+                code, _, err = cli('prepare.py', [f'--input={self.input}', f'--data_dir={self.data_dir}',
+                                                  f'--tokenizer={tokenizer}'])
+                self.assertEqual((code, err), (130, 'error: stopped by Ctrl-C\n'))
+                self.assertEqual(snapshot(self.data_dir), before)
+
+    def test_ctrl_c_while_prepare_py_is_starting_ends_in_one_line(self):
+        new = os.path.join(self.dir, 'new')
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'prepare.py'), f'--input={self.input}',
+                                 f'--data_dir={new}'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.4)  # torch is still loading
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        self.assertEqual((proc.returncode, stderr), (130, 'error: stopped by Ctrl-C\n'))
+        self.assertFalse(os.path.exists(new))
+
+    def test_help_shows_how_to_run_it_every_setting_and_what_bpe_costs(self):
+        code, out, _ = cli('prepare.py', ['--help'])
+        self.assertEqual(code, 0)
+        self.assertIn('python prepare.py --tokenizer=bpe --vocab_size=1024', out)
+        for key in ('input', 'data_dir', 'tokenizer', 'vocab_size'):
+            self.assertIn(f'--{key}=', out)
+        self.assertRegex(out, r'--vocab_size=1024 .*\d s .*8192')
+
+
+def table_rows(text):  # the rows of the Markdown tables in text, as lists of cells
+    return [[c.strip() for c in line.strip().strip('|').split('|')] for line in text.splitlines()
+            if line.startswith('| ') and not line.startswith('| --')]
+
+
+class TestBench(DataDirTest):
+
+    def tiny(self, **overrides):  # gpt.py settings for bench.py train and target: a tiny model on the CPU
+        args = {**dict(data_dir=self.data_dir, device='cpu', n_layer=1, n_head=2, n_embd=16, block_size=16,
+                       batch_size=4, eval_iters=2), **overrides}
+        return [f'--{k}={v}' for k, v in args.items()]
+
+    def test_bench_settings_that_cannot_work_end_in_one_line_naming_the_setting(self):
+        for args, named in [(['train', '--iters=0'], '--iters=0'), (['train', '--repeats=0'], '--repeats=0'),
+                            (['train', '--warmup=-1'], '--warmup=-1'), (['sample', '--new_tokens=0'], '--new_tokens=0'),
+                            (['sample', '--n_head=5'], '--n_head=5'), (['sample', '--vocab_size=0'], '--vocab_size=0'),
+                            (['target', '--limit_s=0'], '--limit_s=0'), (['target', '--target_loss=nan'], 'nan'),
+                            (['target', f'--out_dir={self.dir}/x'], '--out_dir'),
+                            (['train', '--init_from=resume'], '--init_from'), (['gpu', '--dry=maybe'], '--dry'),
+                            ([], 'python bench.py {train|target|sample|plot|gpu}'), (['trian'], '--help')]:
+            code, out, err = cli_bench(args)
+            self.assertEqual((code, out, len(err.splitlines())), (2, '', 1), (args, err))
+            self.assertTrue(err.startswith('error: ') and named in err, (args, err))
+        self.assertEqual(sorted(os.listdir(self.dir)), ['data', 'input.txt'])  # nothing was written
+
+    def test_bench_help_lists_every_mode_with_its_keys_and_exits_0(self):
+        code, out, err = cli_bench(['--help'])
+        self.assertEqual((code, err), (0, ''))
+        for mode, (defaults, _) in {'train': (bench.TRAIN, 0), 'target': (bench.TARGET, 0), 'sample': (bench.SAMPLE, 0),
+                                    'plot': (bench.PLOT, 0), 'gpu': (bench.GPU, 0)}.items():
+            self.assertIn(f'\n{mode}:', out)
+            for key, value in defaults.items():
+                self.assertRegex(out, rf"--{key}={re.escape(repr(value))} +\S")  # with what it means
+        self.assertEqual(cli_bench(['train', '--help'])[:2], (0, out))
+        done = run('bench.py', '--help')
+        self.assertEqual((done.returncode, done.stdout, done.stderr), (0, out, ''))
+
+    def test_bench_plot_into_a_folder_it_cannot_write_ends_in_one_line(self):
+        out_dir = os.path.join(self.dir, 'out')
+        os.makedirs(out_dir)
+        pathlib.Path(out_dir, 'log.csv').write_text('iter,train_loss,val_loss,val_bpc,lr,tokens_per_s\n'
+                                                    '0,4.1,4.2,6.0,0.001,\n10,3.1,3.2,4.6,0.001,\n')
+        real_open = open
+
+        def read_only(path, mode='r', *args, **kwargs):  # tests run as root, who may write anywhere
+            if 'w' in mode:
+                raise PermissionError(errno.EACCES, 'Permission denied', path)
+            return real_open(path, mode, *args, **kwargs)
+        with mock.patch('bench.open', read_only, create=True):
+            code, out, err = cli_bench(['plot', f'--out_dir={out_dir}'])
+        self.assertEqual((code, out, len(err.splitlines())), (2, '', 1), err)
+        self.assertIn(f'cannot write {out_dir}/loss.svg (Permission denied)', err)
+        self.assertEqual(os.listdir(out_dir), ['log.csv'])
+
+    def test_bench_train_and_target_leave_no_temporary_folder_behind(self):
+        scratch = os.path.join(self.dir, 'tmp')
+        os.makedirs(scratch)
+        cache = os.environ.get('TORCHINDUCTOR_CACHE_DIR')
+        with mock.patch.object(tempfile, 'tempdir', scratch):
+            code, out, err = cli_bench(['train', *self.tiny(), '--iters=2', '--warmup=1', '--repeats=1'])
+            self.assertEqual((code, err), (0, ''))
+            self.assertIn('ms/iter (median)', out)
+            code, out, err = cli_bench(['target', *self.tiny(max_iters=100000, eval_interval=5), '--target_loss=100'])
+            self.assertEqual((code, err), (0, ''))
+            self.assertIn('reached at iter 0', out)
+        self.assertEqual((os.listdir(scratch), os.environ.get('TORCHINDUCTOR_CACHE_DIR')), ([], cache))
+
+    def test_bench_target_stops_gpt_py_at_the_first_eval_at_or_below_the_target(self):
+        cfg = {**bench.TARGET, 'target_loss': 100.0, 'data_dir': self.data_dir, 'device': 'cpu', 'n_layer': 1,
+               'n_head': 2, 'n_embd': 16, 'block_size': 16, 'batch_size': 4, 'eval_iters': 2, 'log_interval': 1,
+               'max_iters': 100000, 'lr_decay_iters': 100000, 'eval_interval': 3}
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            found = bench.bench_target(cfg)
+        self.assertEqual((found['iter'], 'first_step_s' in found), (0, False))  # stopped before its first step
+        self.assertLessEqual(found['first_line_s'], found['target_s'])
+        self.assertRegex(out.getvalue(), r'\n +\d+\.\d\d s  iter 0: train loss ')  # each line, time-stamped
+        with contextlib.redirect_stdout(io.StringIO()) as out:  # a target never reached: gpt.py ends by itself
+            found = bench.bench_target({**cfg, 'target_loss': 0.01, 'max_iters': 6, 'lr_decay_iters': 6})
+        self.assertEqual((found['iter'], found['first_step_iter'], 'target_s' in found), (6, 1, False))
+        self.assertIn('not reached: gpt.py ended with exit code 0', out.getvalue())
+
+    def test_bench_target_passes_on_the_line_of_a_setting_gpt_py_refuses(self):
+        code, _, err = cli_bench(['target', *self.tiny(n_head=3)])
+        self.assertEqual((code, err), (2, 'error: --n_embd=16 must be a multiple of --n_head\n'))
+
+    def test_ctrl_c_while_bench_starts_ends_in_one_line(self):
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'bench.py'), 'train', *self.tiny()],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.4)  # torch is still loading
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        self.assertEqual((proc.returncode, stderr), (130, 'error: stopped by Ctrl-C\n'))
+
+    def test_ctrl_c_during_bench_target_stops_gpt_py_and_deletes_its_folder(self):
+        scratch = os.path.join(self.dir, 'tmp')
+        os.makedirs(scratch)
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'bench.py'), 'target', '--target_loss=0.01',
+                                 *self.tiny(max_iters=100000, lr_decay_iters=100000)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, 'TMPDIR': scratch})
+        for line in proc.stdout:
+            if ' s  iter 0: ' in line:  # gpt.py is training
+                break
+        self.assertEqual(len(os.listdir(scratch)), 1)  # its folder
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        self.assertEqual((proc.returncode, stderr, os.listdir(scratch)), (130, 'error: stopped by Ctrl-C\n', []))
+
+    def test_cuda_tests_are_counted_from_the_unittest_report_and_the_compiled_test_found(self):
+        self.assertIn(bench.COMPILE_TEST, unittest.defaultTestLoader.getTestCaseNames(TestCUDA))
+
+        def report(compiled_passes, skip=False):  # what `python -m unittest -v` prints for two such tests
+            cuda = type('TestCUDA', (unittest.TestCase,), {
+                'test_kv_cache_matches_full_recompute': lambda self: None,
+                bench.COMPILE_TEST: lambda self: self.assertTrue(compiled_passes)})
+            stream = io.StringIO()
+            unittest.TextTestRunner(stream, verbosity=2).run(unittest.defaultTestLoader.loadTestsFromTestCase(
+                unittest.skip('needs a CUDA GPU')(cuda) if skip else cuda))
+            return subprocess.CompletedProcess([], 0, '', stream.getvalue())
+        for done, counts in [(report(True), {'ran': 2, 'passed': 2, 'skipped': 0, 'compiled': 'passed'}),
+                             (report(False), {'ran': 2, 'passed': 1, 'skipped': 0, 'compiled': 'failed'}),
+                             (report(True, skip=True), {'ran': 2, 'passed': 0, 'skipped': 2, 'compiled': 'skipped'})]:
+            with mock.patch.object(subprocess, 'run', return_value=done) as ran:
+                self.assertEqual(quiet(bench.cuda_tests), counts)
+            self.assertIn('test_gpt.TestCUDA', ran.call_args[0][0])
+
+    def test_bench_gpu_puts_every_figure_against_its_target_in_one_table(self):
+        figures = {
+            'time_startup': {'import_s': 1.5, 'init_s': 0.5},
+            'bench_target': {'first_line_s': 3.0, 'first_step_s': 9.0, 'first_step_iter': 50, 'target_s': 25.0},
+            'bench_sample': {'tokens_per_s': 2500.0, 'speedup': 3.0, 'same_text': True},
+            'cuda_tests': {'ran': 5, 'passed': 5, 'skipped': 0, 'compiled': 'passed'}}
+        train = [{'ms': 11.0, 'first_s': 12.0, 'mfu': 40.0, 'peak_gib': 3.0}, {'ms': 20.0, 'first_s': 1.0, 'mfu': 22.0,
+                                                                                'peak_gib': 3.5}]
+        with contextlib.ExitStack() as stack:
+            for name, value in figures.items():
+                stack.enter_context(mock.patch.object(bench, name, return_value=value))
+            stack.enter_context(mock.patch.object(bench, 'bench_train', side_effect=train))
+            code, out, err = cli_bench(['gpu', '--dry=true'])
+        self.assertEqual((code, err), (0, ''))
+        rows = {r[0]: r[1:] for r in table_rows(out.split('## All figures')[1])}
+        self.assertEqual(rows['training step at the reference size, compiled, ms/iter'],
+                         ['11.0', '<= 12 (nanoGPT: 17.8)', 'met'])
+        self.assertEqual(rows['first step, compiling from a cold cache, s'], ['12.0', '<= 10', 'MISSED'])
+        self.assertEqual(rows['training step, eager, ms/iter'], ['20.0', '', ''])
+        self.assertEqual(rows["card's command: first step line (iter 50, compile included), s"], ['9.0', '', ''])
+        self.assertEqual(rows['generation with the KV cache, batch 1, tokens/s'], ['2,500', '>= 3,000', 'MISSED'])
+        self.assertEqual(rows['KV cache speed-up over recompute, x'], ['3.0', '>= 2', 'met'])
+        self.assertEqual(rows['CUDA unit tests (test_gpt.TestCUDA) passed'], ['5 of 5', 'all', 'met'])
+        self.assertEqual(rows['compiled and eager losses within tolerance (TestCUDA)'], ['passed', 'passed', 'met'])
+        self.assertEqual(len(rows), 16)  # the header and 15 figures
+        figures['bench_target'] = {'first_line_s': 3.0, 'iter': 2000, 'val': 1.4812}  # ended above the target
+        with contextlib.ExitStack() as stack:
+            for name, value in figures.items():
+                stack.enter_context(mock.patch.object(bench, name, return_value=value))
+            stack.enter_context(mock.patch.object(bench, 'bench_train', side_effect=train))
+            rows = {r[0]: r[1:] for r in table_rows(cli_bench(['gpu', '--dry=true'])[1].split('## All figures')[1])}
+        self.assertEqual(rows["card's command: val loss <= 3.6, s"],
+                         ['not reached (last eval: iter 2000, val 1.4812)', '<= 60', 'MISSED'])
+
+    def test_bench_gpu_still_prints_its_table_when_a_step_fails_and_then_exits_with_one_line(self):
+        with mock.patch.object(bench, 'bench_sample', side_effect=RuntimeError('CUDA error: out of memory')), \
+                mock.patch.object(bench, 'bench_train', return_value={'ms': 11.0, 'first_s': 5.0, 'mfu': 40.0,
+                                                                       'peak_gib': 3.0}), \
+                mock.patch.object(bench, 'time_startup', return_value={'import_s': 1.5, 'init_s': 0.5}), \
+                mock.patch.object(bench, 'bench_target', return_value={}), \
+                mock.patch.object(bench, 'cuda_tests', return_value={'ran': 5, 'passed': 5, 'skipped': 0,
+                                                                     'compiled': 'passed'}), \
+                contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err, \
+                self.assertRaises(SystemExit) as stop:
+            bench.main(['gpu', '--dry=true'])
+        self.assertEqual(stop.exception.code, 'error: KV cache and recompute give the same text; a step failed: '
+                                              'see its traceback above')
+        self.assertIn('RuntimeError: CUDA error: out of memory', err.getvalue())
+        rows = {r[0]: r[1:] for r in table_rows(out.getvalue().split('## All figures')[1])}
+        self.assertEqual(rows['generation with the KV cache, batch 1, tokens/s'], ['failed', '>= 3,000', 'MISSED'])
+        self.assertEqual(rows['KV cache and recompute give the same text'], ['failed', 'yes', 'MISSED'])
+        self.assertEqual(rows['training step at the reference size, compiled, ms/iter'][2], 'met')
+
+
+class TestGenerationWithTheStaticCache(unittest.TestCase):
+
+    def test_a_prompt_fed_through_the_cache_in_chunks_of_any_length_gives_the_logits_of_one_whole_forward(self):
+        idx = torch.randint(11, (2, 16))
+        for flash in (True, False):
+            model = tiny_model(block_size=16, flash=flash)
+            whole = model(idx)[0]  # (2, 16, 11)
+            for chunk in (1, 2, 3, 5, 16):
+                with self.subTest(flash=flash, chunk=chunk), torch.inference_mode():
+                    cache = sample.KVCache(model.config)
+                    cache.clear(idx.device)
+                    parts = []
+                    for i in range(0, 16, chunk):
+                        parts.append(model(idx[:, i:i + chunk], cache=cache)[0])
+                        cache.advance(parts[-1].shape[1])
+                    self.assertLess((torch.cat(parts, dim=1) - whole).abs().max().item(), 1e-5)
+
+    def test_the_cache_writes_in_place_at_one_size_so_a_cuda_graph_can_replay_its_step(self):
+        model = tiny_model(block_size=8)
+        seen = set()
+        append = sample.LayerCache.append
+
+        def spy(layer, k, v):  # what attention gets from the cache, step after step
+            keys, values, mask = append(layer, k, v)
+            seen.add((keys.data_ptr(), values.data_ptr(), keys.shape, mask.shape[1], layer.cache.length.data_ptr()))
+            return keys, values, mask
+        with mock.patch.object(sample.LayerCache, 'append', spy):
+            sample.beam_search(model, torch.randint(11, (1, 3)), 20, beams=3)  # past block_size, reordered
+        self.assertEqual(len(seen), model.config.n_layer)  # one buffer pair, one shape, one length per layer
+        self.assertEqual({s[2:4] for s in seen}, {((3, 2, 8, 8), 8)})
+
+    def test_any_temperature_above_zero_samples_and_a_tiny_one_is_greedy(self):
+        model = tiny_model()
+        idx = torch.zeros((2, 1), dtype=torch.long)
+        greedy = sample.sample(model, idx, 20, temperature=0)
+        for t in (1e-40, 1e-30):
+            cold = sample.sample(model, idx, 20, temperature=t, generator=torch.Generator().manual_seed(1))
+            self.assertTrue(torch.equal(cold, greedy))
+        hot = sample.sample(model, idx, 20, temperature=1e30, generator=torch.Generator().manual_seed(1))
+        self.assertEqual(hot.shape, (2, 21))  # every token as likely as any other, none nan
+
+    def test_beam_search_with_more_beams_than_tokens_keeps_the_best_text(self):
+        model = tiny_model(vocab_size=5, seed=3)
+        idx = torch.randint(5, (1, 2))
+
+        def logprob(seq):
+            logits = model(seq[:, :-1])[0]
+            return torch.log_softmax(logits, -1)[0, 1:].gather(1, seq[0, 2:, None]).sum().item()
+        wide, narrow = (sample.beam_search(model, idx, 4, beams=b) for b in (12, 5))  # 12 > 5 tokens at step 1
+        self.assertEqual(wide.shape, (1, 6))
+        self.assertGreaterEqual(logprob(wide), logprob(narrow) - 1e-6)
+
+
+class TestSampleCommandLine(DataDirTest):
+
+    def test_a_seed_out_of_range_or_a_batch_too_big_for_memory_fails_in_one_line(self):
+        model, tok = tiny_model(vocab_size=13), PieceTokenizer()
+        cases = [(['--seed=18446744073709551616'], '--seed=18446744073709551616 must be 0 or more and below 2**63'),
+                 (['--seed=-1'], '--seed=-1 must be 0 or more'),
+                 (['--num_samples=1000000000'], 'memory'),
+                 (['--num_samples=1000', '--max_new_tokens=1000000000000'], 'lower --num_samples or --max_new_tokens'),
+                 (['--beams=1000000000'], 'lower --beams')]
+        with mock.patch.object(sample, 'load_model', lambda path, device: (model, tok)):
+            for args, words in cases:
+                with self.subTest(args=args):
+                    code, _, stderr = cli('sample.py', [f'--out_dir={self.dir}/none', '--device=cpu', *args])
+                    self.assertEqual(code, 2, stderr)
+                    self.assertEqual(len(stderr.strip().splitlines()), 1, stderr)
+                    self.assertTrue(stderr.startswith('error: '), stderr)
+                    self.assertIn(words, stderr)
+            code, stdout, stderr = cli('sample.py', ['--device=cpu', f'--seed={2 ** 63 - 1}', '--max_new_tokens=5'])
+            self.assertEqual((code, stderr), (0, ''))
+
+    def test_ctrl_c_while_sample_py_starts_ends_in_one_line(self):
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'sample.py'), f'--out_dir={self.dir}/none'],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.4)  # torch is still loading
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        self.assertEqual((proc.returncode, stderr), (130, 'error: stopped by Ctrl-C\n'))
+
+    def test_sample_py_piped_into_a_reader_that_leaves_early_ends_quietly(self):  # python sample.py | head -c 20
+        quiet(gpt.main, self.train_args(max_iters=2, lr_decay_iters=2))
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'sample.py'), f'--out_dir={self.dir}/out',
+                                 '--num_samples=1', '--max_new_tokens=100000', '--device=cpu'],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual(len(proc.stdout.read(20)), 20)
+        proc.stdout.close()  # the reader leaves
+        with proc.stderr:
+            stderr = proc.stderr.read().decode()
+        self.assertEqual((proc.wait(timeout=60), stderr), (141, ''))
+
+
 @unittest.skipUnless(torch.cuda.is_available(), 'needs a CUDA GPU (bench.py gpu runs these on one)')
 class TestCUDA(DataDirTest):
 
@@ -932,6 +1358,18 @@ class TestCUDA(DataDirTest):
         self.assertTrue(all(math.isfinite(x) for x in losses))
         self.assertLess(losses[-1], losses[0])
         self.assertIn('scale', torch.load(os.path.join(self.dir, 'out', 'last.pt'), weights_only=True)['scaler'])
+
+    def test_the_cuda_graph_step_gives_the_text_of_recompute_past_block_size_and_under_beam_search(self):
+        model = tiny_model(block_size=8).cuda()
+        idx = torch.randint(11, (2, 3), device='cuda')
+        cache = sample.KVCache(model.config)
+        for _ in range(3):
+            idx = torch.cat((idx, sample.next_logits(model, idx, cache).argmax(-1, keepdim=True)), dim=1)
+        self.assertIsNotNone(cache.graph)  # the one-token steps replay a captured graph
+        texts = [sample.sample(model, idx, 40, temperature=0, use_cache=c) for c in (True, False)]
+        self.assertTrue(torch.equal(*texts))
+        beams = [sample.beam_search(model, idx[:1], 25, beams=4, use_cache=c) for c in (True, False)]
+        self.assertTrue(torch.equal(*beams))
 
 
 if __name__ == '__main__':
