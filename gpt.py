@@ -1,6 +1,4 @@
-"""The reference GPT, a transformer language model trained from scratch on any text, to read top to bottom:
-the decoder of "Attention Is All You Need" (Vaswani et al., 2017) as GPT-2 arranged it ("Language Models are
-Unsupervised Multitask Learners", 2019). The lesson comes first; the last section can wait for a second read."""
+"""The reference GPT, a transformer trained from scratch on any text. Read it top to bottom: the lesson first."""
 import os, signal, sys  # noqa: E401
 if __name__ == '__main__':  # before the slow imports: Ctrl-C while torch loads ends in one line, exit 130
     signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write('error: stopped by Ctrl-C\n'), os._exit(130)))
@@ -43,14 +41,12 @@ dtype = 'auto'  # 'auto' is bfloat16 on GPUs that have it natively (float16 on o
 compile = True  # torch.compile each block on CUDA (CPU runs stay eager: there it made steps slower)
 flash = True  # attention by the fused F.scaled_dot_product_attention; False runs the written-out math
 seed = 1337  # seeds every random choice: same seed, same run
-# On CUDA, what you do not set comes from here: the reference model (10.7M parameters), trained to its best val.
 GPU_RECIPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64, learning_rate=1e-3,
-                  max_iters=2000, warmup_iters=100, lr_decay_iters=2000, min_lr=1e-4, eval_interval=250, eval_iters=7)
-# Every setting above by name, with its default: what --key=value may override and what a checkpoint keeps.
-DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and isinstance(v, (bool, int, float, str))}
+                  max_iters=2000, warmup_iters=100, lr_decay_iters=2000, min_lr=1e-4, eval_interval=250,
+                  eval_iters=7)  # on CUDA, what you do not set: the reference model (10.7M), trained to its best val
+DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and isinstance(v, (bool, int, float, str))}  # all
 
-# TOKENIZER: text <-> integer ids. Characters: the vocabulary is the text's characters, sorted. Byte-level BPE
-# (how GPT-2 tokenizes): a text is its UTF-8 bytes, then frequent neighbouring pairs fused into new ids.
+# TOKENIZER: text <-> ids: one id per character of the text's sorted vocabulary, or byte-level BPE (GPT-2's).
 class CharTokenizer:
     def __init__(self, vocab):
         self.vocab, self.vocab_size = vocab, len(vocab)  # id -> character
@@ -67,9 +63,9 @@ class BPETokenizer:  # ids 0-255: the bytes; id 256 + i: the pair that prepare.p
         self.bytes = [bytes([i]) for i in range(256)]  # id -> the bytes it stands for
         for a, b in self.merges:
             self.bytes.append(self.bytes[a] + self.bytes[b])
-    def encode(self, text):  # any text, in any language: its bytes, then each merge in the order learned.
-        s = text.encode('utf-8').decode('latin-1')  # The ids as characters chr(id), so that str.replace
-        for i, (a, b) in enumerate(self.merges):  # fuses each pair, left to right, at C speed
+    def encode(self, text):  # any text: its bytes, then each merge in the order learned, the ids held as
+        s = text.encode('utf-8').decode('latin-1')  # characters chr(id): str.replace fuses left to right
+        for i, (a, b) in enumerate(self.merges):
             s = s.replace(chr(a) + chr(b), chr(256 + i))
         return [ord(c) for c in s]
     def decode(self, ids):  # a cut through a multi-byte character decodes as U+FFFD instead of failing
@@ -82,22 +78,19 @@ def get_batch(split, starts=None):  # x and y, (B, T) each: the windows at start
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
     if starts is None:
         starts = torch.randint(len(data) - block_size, (batch_size,)).numpy()
-    # A row is a window of block_size + 1 tokens: x is its first block_size, y the same shifted one on. So a
-    # row teaches T predictions at once: y[t], the token after x[0..t], for each t (the mask sees to that).
+    # A row: block_size + 1 tokens; x is its first block_size, y the same shifted one on. So one row teaches T
+    # predictions at once: y[t], the token after x[0..t], for each t (the causal mask sees to that).
     rows = torch.from_numpy(data[np.asarray(starts)[:, None] + np.arange(block_size + 1)].astype(np.int64))
     if device.startswith('cuda'):  # page-locked memory: the copy to the GPU runs while it computes
         rows = rows.pin_memory()
     rows = rows.to(device, non_blocking=True)  # (B, T + 1)
     return rows[:, :-1], rows[:, 1:]
 
-# MODEL: a decoder-only transformer. Each token becomes a vector (token + position embedding); n_layer blocks
-# refine them with attention (a token gathers from earlier tokens) and a feed-forward net (each token on its
-# own); a last linear layer turns each vector into logits, the scores of every possible next token.
+# MODEL: each token becomes a vector (token + position embedding); blocks refine them with attention (a token
+# gathers from earlier ones) and a feed-forward net; a last layer turns each into logits, next-token scores.
 GPTConfig = collections.namedtuple('GPTConfig', 'vocab_size block_size n_layer n_head n_embd dropout flash',
                                    defaults=(0.0, True))
-class MultiHeadAttention(nn.Module):
-    """Causal self-attention in n_head heads, each with hs = C / nh channels of its own, free to look for
-    something else: 1) split q, k, v into heads, 2) each head attends (Head, next), 3) merge the heads."""
+class MultiHeadAttention(nn.Module):  # n_head heads of hs = C / nh channels, each free to look for another thing
     def __init__(self, cfg):
         super().__init__()
         self.n_head = cfg.n_head
@@ -114,31 +107,28 @@ class MultiHeadAttention(nn.Module):
         mask = None  # the causal mask: token t sees tokens 0..t
         if cache is not None:  # generation only (sample.py): the keys and values of earlier tokens join
             k, v, mask = cache.append(k, v)  # (B, nh, S, hs) each; mask (T, S): which keys each query sees
-        y = self.heads(q, k, v, mask)  # 2) (B, nh, T, hs)
+        y = self.heads(q, k, v, mask)  # 2) every head attends (Head, next): (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # 3) (B, T, C): the heads side by side again
         return self.resid_dropout(self.proj(y))
 class Head(nn.Module):
-    """What one head computes from its queries, keys and values. Written over the last two dimensions, (T, hs),
-    so the same lines run every head of every sequence at once: q, k, v come as (B, nh, T, hs)."""
+    """What one head computes from its queries, keys and values (T, hs). Written over the last two dimensions,
+    the same lines run every head of every sequence at once: q, k, v come as (B, nh, T, hs)."""
     def __init__(self, dropout, flash=True):
         super().__init__()
         self.flash, self.dropout = flash, nn.Dropout(dropout)
     def forward(self, q, k, v, mask=None):
         if not self.flash:  # written out: the lesson
-            # A score per (query, key): how much the query's token wants the key's. A dot product sums hs
-            # terms, so its variance grows with hs; dividing by sqrt(hs) keeps the scores near unit variance,
-            # where softmax stays soft instead of saturating into a one-hot choice.
+            # A score per (query, key): how much the query's token wants the key's. A dot product of hs terms has
+            # a variance that grows with hs; / sqrt(hs) keeps it near 1, where softmax stays soft, not one-hot.
             wei = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B,nh,T,hs) @ (B,nh,hs,S) -> (B, nh, T, S)
             # The targets are the inputs shifted by one: a token that saw later ones would read its own answer.
             mask = torch.ones(wei.shape[-2:], dtype=torch.bool, device=q.device).tril() if mask is None else mask
             wei = wei.masked_fill(~mask, float('-inf')).softmax(dim=-1)  # (B, nh, T, S): each row sums to 1
             return self.dropout(wei) @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs): a weighted mean
-        # The same, fused into one kernel (flash attention) that never stores the (T, S) scores: faster and
-        # smaller. A test proves the two paths agree.
+        # The same, fused into one kernel (flash attention) that never stores the (T, S) scores; a test proves it
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                               dropout_p=self.dropout.p if self.training else 0.0)
-class FeedForward(nn.Module):
-    """A two-layer MLP applied to each position on its own, 4x wider inside."""
+class FeedForward(nn.Module):  # a two-layer MLP applied to each position on its own, 4x wider inside
     def __init__(self, cfg):
         super().__init__()
         self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
@@ -168,18 +158,15 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying: reading and writing a token share a vector
-        # GPT-2 init: weights from N(0, 0.02), and the two layers that write into the residual stream
-        # (attn.proj, ffwd.proj) scaled by 1/sqrt(2 * n_layer), so that the sum of all keeps its variance.
-        for name, module in self.named_modules():
+        # GPT-2 init: N(0, 0.02); the layers that write into the residual stream (attn.proj and ffwd.proj, 2 per
+        for name, module in self.named_modules():  # block) / sqrt(2 * n_layer): their sum keeps its variance
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith('.proj') else 0.02
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-    def forward(self, idx, targets=None, cache=None):
-        """idx (B, T) -> logits (B, T, V), and the mean cross-entropy loss if targets (B, T) are given."""
-        pos = torch.arange(idx.shape[1], device=idx.device) + (cache.length if cache else 0)  # (T,): a cache
-        # (sample.py) holds the first cache.length tokens, and idx the ones after
+    def forward(self, idx, targets=None, cache=None):  # idx (B, T) -> logits (B, T, V), and the loss if targets
+        pos = torch.arange(idx.shape[1], device=idx.device) + (0 if cache is None else cache.length)  # (T,)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C) + (T, C) -> (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else cache.layers[i])
@@ -189,8 +176,7 @@ class GPT(nn.Module):
         return logits, loss
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):  # more ways, a KV cache: sample.py
-        """Extend idx (B, T) by max_new_tokens tokens, each drawn given the last block_size; temperature 0: argmax."""
-        for _ in range(max_new_tokens):
+        for _ in range(max_new_tokens):  # each new token drawn given the last block_size; temperature 0: argmax
             logits = self(idx[:, -self.config.block_size:])[0][:, -1].float()  # (B, V): the last position's
             logits = logits - logits.amax(dim=-1, keepdim=True)  # the likeliest at 0: a tiny temperature is fine
             if top_k is not None:
@@ -200,8 +186,7 @@ class GPT(nn.Module):
             idx = torch.cat((idx, torch.multinomial(probs, 1)), dim=1)  # (B, T + 1)
         return idx
 
-# EVALUATION: the mean loss of each split over a fixed set of windows, the same at every eval, so evals are
-# free of sampling noise and comparable across runs. With the defaults the val split is covered whole.
+# EVALUATION: the mean loss of each split over fixed windows, the same at every eval: no sampling noise.
 def autocast():  # mixed precision if dtype asks: matmuls in bfloat16 (or float16), reductions in float32
     return torch.autocast(device.split(':')[0], getattr(torch, dtype), enabled=dtype != 'float32')
 @torch.no_grad()
@@ -211,7 +196,7 @@ def estimate_loss(model, meta, splits=('train', 'val')):
     for split in splits:
         n = (meta[f'{split}_tokens'] - 1) // block_size  # non-overlapping windows that fit in the split
         k = min(n, eval_iters * batch_size)  # k of them, spread evenly: window i starts at block i * n // k
-        starts = np.arange(k) * n // k * block_size
+        starts = np.arange(k) * n // k * block_size  # (with the defaults, Shakespeare's val split whole)
         total = torch.zeros((), device=device)
         for i in range(0, k, batch_size):
             x, y = get_batch(split, starts[i:i + batch_size])
@@ -222,23 +207,19 @@ def estimate_loss(model, meta, splits=('train', 'val')):
 
 # TRAINING: the learning-rate schedule, the optimizer, one step, and the loop that repeats it.
 def get_lr(it):
-    # 1) Warmup: a fresh model's gradients are large and Adam's running averages of them still empty, so
-    # full-size first steps can throw the weights far off and diverge. Ramp up, from above zero.
-    if it < warmup_iters:
+    if it < warmup_iters:  # 1) warmup: a fresh model's first Adam steps are large and can diverge; ramp up
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it >= lr_decay_iters:  # 2) after the decay, min_lr
         return min_lr
-    # 3) In between, a cosine from learning_rate down to min_lr: big steps while the loss falls fast, then
-    # smaller and smaller ones, so that the weights settle into a minimum instead of bouncing around it.
+    # 3) In between, a cosine down to min_lr: big steps while the loss falls fast, then ever smaller ones, so
     progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)  # the loss settles
 def build(vocab_size):  # the model, its AdamW optimizer and loss scaler
     torch.manual_seed(seed)  # the same initial weights in every process
     model = GPT(GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout, flash)).to(device)
-    # Weight decay shrinks the weights that the loss does not need, against overfitting. Only matrices and
-    # embeddings: biases and LayerNorm gains (the 1-D parameters) only shift and scale.
-    groups = [{'params': [p for p in model.parameters() if p.dim() >= 2]},
-              {'params': [p for p in model.parameters() if p.dim() < 2], 'weight_decay': 0.0}]
+    # Weight decay shrinks the weights the loss does not need, against overfitting: only matrices and
+    groups = [{'params': [p for p in model.parameters() if p.dim() >= 2]},  # embeddings, as biases and LayerNorm
+              {'params': [p for p in model.parameters() if p.dim() < 2], 'weight_decay': 0.0}]  # gains only shift/scale
     optimizer = torch.optim.AdamW(groups, learning_rate, (beta1, beta2), weight_decay=weight_decay,
                                   fused=device.split(':')[0] in ('cuda', 'cpu'))  # one kernel for all
     scaler = torch.amp.GradScaler(enabled=dtype == 'float16')  # a no-op unless float16, whose small
@@ -283,9 +264,9 @@ def train(ckpt, meta):  # the training loop; ckpt: the checkpoint that a resumed
 # THE SAFETY NET (skip on a first read): what makes a run safe to stop, resume and spread over processes.
 # Exact resume: a checkpoint holds all the state that training changes (weights, AdamW's moments, the loss
 # scale, the step, the best val loss, the settings), which SafetyNet puts back; the random draws come from a
-# seed per step (seed, step, process), so none has to be saved: on the CPU a resumed run is bit for bit the
-# run that never stopped. Under torchrun, process 0 alone evaluates, prints and writes files; all processes
-# agree at each eval and log step, so that a stop, a nan or an error ends them all.
+# seed per step (seed, step, process), so none is saved: on the CPU a resumed run is bit for bit the run that
+# never stopped. Under torchrun, process 0 alone evaluates, prints and writes files; all processes agree at
+# each eval and log step, so that a stop, a nan or an error ends them all.
 rank, world_size = 0, 1  # setup() sets these when torchrun starts this process
 class UserError(Exception):  # a mistake the user can fix (a setting, a file): one line, exit code 2
     pass
@@ -304,13 +285,10 @@ class SafetyNet:  # for train(): checkpoints, log lines and log.csv, signals, th
             optimizer.load_state_dict(ckpt['optimizer'])
             scaler.load_state_dict(ckpt['scaler'] or scaler.state_dict())  # a bfloat16 run saved no scale
     def __enter__(self):
-        if rank == 0:
+        if rank == 0:  # out_dir's lock, one run at a time; the OS frees it when the process ends, by a crash too
             os.makedirs(out_dir, exist_ok=True)
-            self.lock = open(f'{out_dir}/lock', 'w')  # the OS frees it when the process ends, by a crash too
-            try:
-                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UserError(f'{out_dir}/ is in use by another run; wait for it, or use --out_dir=NAME') from None
+            self.lock = open(f'{out_dir}/lock', 'w')
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: main() says so in one line
             recipe = 'its own settings' if self.ckpt else 'the gpu recipe' if 'cuda' in device else 'the defaults'
             print(f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters on {device} in "
                   f"{dtype}, {recipe}, {self.tokens_per_it:,} tokens per step, "
@@ -333,21 +311,17 @@ class SafetyNet:  # for train(): checkpoints, log lines and log.csv, signals, th
             print(line)
             with open(self.log_path, 'a') as f:
                 f.write(','.join(map(str, (it, *row))) + '\n')
-    def evaluate_and_save(self, it):
+    def evaluate_and_save(self, it):  # every process evaluates: the same weights and windows, the same verdict
         if it == self.start and self.ckpt:
             return  # evaluated before it was saved
-        losses = {'train': 0.0, 'val': 0.0}
-        if rank == 0:
-            with torch.compiler.set_stance('force_eager'):  # compiled for the training shapes only
-                losses = estimate_loss(self.model, self.meta)
-                torch.manual_seed(seed)  # the same seed at every eval: watch the same text improve
-                out = self.model.generate(torch.zeros((1, 1), dtype=torch.long, device=device), 100)
-        train, val = losses['train'], agree(losses['val'])
+        with torch.compiler.set_stance('force_eager'):  # compiled for the training shapes only
+            train, val = estimate_loss(self.model, self.meta).values()
+            torch.manual_seed(seed)  # the same seed at every eval: watch the same text improve
+            out = self.model.generate(torch.zeros((1, 1), dtype=torch.long, device=device), 100)[0, 1:].tolist()
         bpc = val * self.meta['val_tokens'] / self.meta['val_chars'] / math.log(2)  # README: bits per char
-        self.log(it, val, f"iter {it}: train loss {train:.4f}, val loss {val:.4f}, {bpc:.4f} bits/char",
-                 f'{train:.4f}', f'{val:.4f}', f'{bpc:.4f}', f'{get_lr(it):.4g}', '')
-        if rank == 0:
-            print(load_tokenizer(self.meta['tokenizer']).decode(out[0, 1:].tolist()).strip())
+        self.log(it, val, f"iter {it}: train loss {train:.4f}, val loss {val:.4f}, {bpc:.4f} bits/char\n"
+                 + load_tokenizer(self.meta['tokenizer']).decode(out).strip(), f'{train:.4f}', f'{val:.4f}',
+                 f'{bpc:.4f}', f'{get_lr(it):.4g}', '')
         improved, self.best_val = val < self.best_val, min(self.best_val, val)
         self.save(it, ['ckpt.pt', 'last.pt'] if improved else ['last.pt'])  # ckpt.pt: the best val loss
         self.t_log, self.it_log = time.time(), it  # the eval does not count in the training speed
@@ -387,7 +361,7 @@ def load_model(path, device='cpu', keys=()):  # a checkpoint, or an out_dir's ck
     path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}; train a model first: python gpt.py")
-    try:  # read as untrusted, all of it; keys: what a resumed run needs besides, and then the checkpoint comes back
+    try:  # read as untrusted, all of it. keys: what resuming needs besides; then the checkpoint comes back
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
         model, tokenizer = GPT(GPTConfig(**ckpt['model_args'])), load_tokenizer(ckpt['tokenizer'])
         model.load_state_dict(ckpt['model'])  # do the weights fit the shape?
@@ -397,10 +371,10 @@ def load_model(path, device='cpu', keys=()):  # a checkpoint, or an out_dir's ck
             f"no whole gpt.py checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:80]}...)"
         raise UserError(f"{path} holds {why}; refusing it, pick another file") from None
     return ckpt if keys else (model.to(device).eval(), tokenizer)
-def read_data(data_dir):  # meta.json, once it and the token files are checked: read back as untrusted
+def read_data():  # meta.json, once it and the token files are checked: all read back as untrusted
+    if not os.path.isfile(f'{data_dir}/train.bin') and (data_dir != 'data' or world_size > 1):
+        raise UserError(f"--data_dir={data_dir} holds no train.bin; make it: python prepare.py --data_dir={data_dir}")
     if not os.path.isfile(f'{data_dir}/train.bin'):
-        if data_dir != 'data' or world_size > 1:
-            raise UserError(f"--data_dir={data_dir} holds no train.bin; make it: python prepare.py --data_dir={data_dir}")
         print(f"no {data_dir}/train.bin yet: running prepare.py first", flush=True)
         if code := subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), 'prepare.py')]).returncode:
             sys.exit(code)  # prepare.py said why
@@ -408,8 +382,8 @@ def read_data(data_dir):  # meta.json, once it and the token files are checked: 
         meta = json.loads(pathlib.Path(data_dir, 'meta.json').read_text('utf-8'))
         data = [np.memmap(f'{data_dir}/{s}.bin', dtype=np.uint16, mode='r') for s in ('train', 'val')]
         fits = [len(d) == meta[f'{s}_tokens'] and meta[f'{s}_chars'] > 0 for s, d in zip(('train', 'val'), data)]
-        fits += [d[i:i + 2 ** 24].max() < meta['vocab_size'] for d in data for i in range(0, len(d), 2 ** 24)]  # all ids
-        fits += [len(load_tokenizer(meta['tokenizer']).decode(range(meta['vocab_size']))) > 0]  # ids: strings
+        fits += [d[i:i + 2 ** 24].max() < meta['vocab_size'] for d in data for i in range(0, len(d), 2 ** 24)]
+        fits += [len(load_tokenizer(meta['tokenizer']).decode(range(meta['vocab_size']))) > 0]  # ids, strings
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
         fits = [False]
     if not all(fits):
@@ -484,11 +458,9 @@ def setup(overrides):  # settings, device and data, all checked before any work;
                'train longer, resume with larger --max_iters and --lr_decay_iters'),
               (need < have, f'--batch_size={batch_size} x --block_size={block_size} at this model size needs '
                f'about {need / 2 ** 30:,.0f} GiB, more than {device} has ({have / 2 ** 30:,.0f} GiB); lower them')]
-    for ok, message in rules:
-        if not ok:
-            raise UserError(message)
-    meta = read_data(data_dir)
-    if ckpt and ckpt['tokenizer'] != meta['tokenizer']:
+    if broken := [message for ok, message in rules if not ok]:
+        raise UserError(broken[0])
+    if (meta := read_data()) and ckpt and ckpt['tokenizer'] != meta['tokenizer']:
         raise UserError(f'{out_dir}/ was trained on another vocabulary; resume it with its own --data_dir')
     if world_size > 1:
         dist.init_process_group('nccl' if cuda else 'gloo')
@@ -502,6 +474,8 @@ def main(argv):
         train(*setup(overrides))
         if dist.is_initialized():  # leave together: a process that tears down early breaks the others' links
             dist.barrier()
+    except BlockingIOError:  # SafetyNet found out_dir's lock taken
+        raise UserError(f'{out_dir}/ is in use by another run; wait for it to end, or use --out_dir=NAME') from None
     except OSError as e:  # a full disk, a folder turned read-only...: the checkpoints are whole, old or new
         raise UserError(f"cannot write to {out_dir}/ ({e.strerror or e}); its checkpoints are kept; once that "
                         f"is fixed, resume: python gpt.py --init_from=resume --out_dir={out_dir}") from None
