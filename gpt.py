@@ -288,7 +288,11 @@ class SafetyNet:  # for train(): checkpoints, log lines and log.csv, signals, th
         if rank == 0:  # out_dir's lock, one run at a time; the OS frees it when the process ends, by a crash too
             os.makedirs(out_dir, exist_ok=True)
             self.lock = open(f'{out_dir}/lock', 'w')
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: main() says so in one line
+            try:
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.lock.close()
+                raise UserError(f'{out_dir}/ is in use by another run; wait for it, or use --out_dir=NAME') from None
             recipe = 'its own settings' if self.ckpt else 'the gpu recipe' if 'cuda' in device else 'the defaults'
             print(f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters on {device} in "
                   f"{dtype}, {recipe}, {self.tokens_per_it:,} tokens per step, "
@@ -474,8 +478,6 @@ def main(argv):
         train(*setup(overrides))
         if dist.is_initialized():  # leave together: a process that tears down early breaks the others' links
             dist.barrier()
-    except BlockingIOError:  # SafetyNet found out_dir's lock taken
-        raise UserError(f'{out_dir}/ is in use by another run; wait for it to end, or use --out_dir=NAME') from None
     except OSError as e:  # a full disk, a folder turned read-only...: the checkpoints are whole, old or new
         raise UserError(f"cannot write to {out_dir}/ ({e.strerror or e}); its checkpoints are kept; once that "
                         f"is fixed, resume: python gpt.py --init_from=resume --out_dir={out_dir}") from None
@@ -486,8 +488,8 @@ def run_cli(main, argv=None):  # a UserError or Ctrl-C ends a script with one li
     try:
         main(sys.argv[1:] if argv is None else argv)
         sys.stdout.flush()
-    except (UserError, KeyboardInterrupt) as e:
-        print(f"error: {str(e) or 'stopped by Ctrl-C'}", file=sys.stderr)
+    except (UserError, KeyboardInterrupt) as e:  # under torchrun, process 0 speaks for all
+        print(f"error: {str(e) or 'stopped by Ctrl-C'}", file=sys.stderr if rank == 0 else io.StringIO())
         sys.exit(2 if isinstance(e, UserError) else 130)
     except BrokenPipeError:  # `python sample.py | head`: the reader left; so do we, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush either

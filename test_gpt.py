@@ -736,8 +736,26 @@ class TestReliability(DataDirTest):
                 meta = json.loads(meta_path.read_text())
                 edit(meta)
                 meta_path.write_text(json.dumps(meta))
+        quiet(prepare.prepare, self.input, f'{d}/odd_id')  # one id above the vocabulary, at an odd offset
+        ids = np.fromfile(f'{d}/odd_id/train.bin', dtype=np.uint16)
+        ids[len(ids) // 2 | 1] = self.meta['vocab_size']
+        ids.tofile(f'{d}/odd_id/train.bin')
+        quiet(prepare.prepare, self.input, f'{d}/int_vocab')  # a vocabulary that holds a number
+        meta = json.loads(pathlib.Path(f'{d}/int_vocab/meta.json').read_text())
+        meta['tokenizer']['vocab'][3] = 7
+        pathlib.Path(f'{d}/int_vocab/meta.json').write_text(json.dumps(meta))
+        for name, drop in (('no_config', 'config'), ('no_optimizer', 'optimizer')):  # hand-edited last.pt
+            os.makedirs(f'{d}/{name}')
+            torch.save({k: v for k, v in torch.load(f'{d}/run/last.pt', weights_only=True).items() if k != drop},
+                       f'{d}/{name}/last.pt')
         train = self.train_args(out='new')
         cases = [  # (script, arguments, words the one-line error must contain)
+            ('gpt.py', train + [f'--data_dir={d}/odd_id'], 'incomplete or inconsistent'),
+            ('gpt.py', train + [f'--data_dir={d}/int_vocab'], 'incomplete or inconsistent'),
+            ('gpt.py', train + ['--init_from=resume', f'--out_dir={d}/no_config'], "KeyError: 'config'"),
+            ('gpt.py', train + ['--init_from=resume', f'--out_dir={d}/no_optimizer'], "KeyError: 'optimizer'"),
+            ('gpt.py', train + ['--init_from=resume', f'--out_dir={d}/run'], 'has finished its 2 steps; to train'),
+            ('gpt.py', train + ['--batch_size=1000000000'], 'GiB, more than cpu has'),
             ('gpt.py', train + ['--n_embd=30', '--n_head=4'], 'multiple of --n_head'),
             ('gpt.py', train + ['--n_layer=-1'], '--n_layer=-1 must be zero or more'),
             ('gpt.py', train + ['--n_head=0'], '--n_head=0 must be positive'),
@@ -799,6 +817,138 @@ class TestReliability(DataDirTest):
                 self.assertTrue(lines[0].startswith('error: '), lines[0])
                 self.assertIn(words, lines[0])
         self.assertEqual(snapshot(d), before)
+
+
+class TestDevicesAndRuns(DataDirTest):
+    """What a GPU run does, checked on the CPU with torch.cuda stubbed: the real set_device and the others
+    refuse what the real ones refuse. And the rules that keep runs apart."""
+
+    def cuda_setup(self, capability, *args):  # gpt.setup as on a machine with one GPU of this compute capability
+        self.addCleanup(torch.set_float32_matmul_precision, torch.get_float32_matmul_precision())
+        set_to = []
+        def set_device(d):  # as torch.cuda.set_device: a device without an index is refused
+            set_to.append(torch.cuda._utils._get_device_index(d, optional=False))
+        stubs = dict(is_available=lambda: True, device_count=lambda: 1, set_device=set_device,
+                     get_device_capability=lambda d=None: capability, mem_get_info=lambda d=None: (2 ** 37, 2 ** 37))
+        with mock.patch.multiple(torch.cuda, **stubs):
+            out = output_of(gpt.setup, gpt.parse_args([f'--data_dir={self.data_dir}', f'--out_dir={self.dir}/o',
+                                                        *args], gpt.DEFAULTS, gpt.__file__))
+        return set_to, out
+
+    def test_the_cards_command_on_a_gpu_sets_an_indexed_device_and_trains_the_reference_model(self):
+        set_to, _ = self.cuda_setup((9, 0), '--n_layer=6', '--device=cuda')
+        self.assertEqual((set_to, gpt.device), ([0], 'cuda:0'))  # torch.cuda.set_device('cuda') raised here
+        self.assertEqual({k: getattr(gpt, k) for k in gpt.GPU_RECIPE}, gpt.GPU_RECIPE)
+        self.cuda_setup((9, 0), '--n_layer=2', '--batch_size=8')  # 'auto' picks the GPU; given settings stay
+        self.assertEqual((gpt.device, gpt.n_layer, gpt.batch_size, gpt.n_embd), ('cuda:0', 2, 8, 384))
+        gpt.setup(gpt.parse_args([f'--data_dir={self.data_dir}', '--device=cpu'], gpt.DEFAULTS, gpt.__file__))
+        self.assertEqual((gpt.n_layer, gpt.n_embd, gpt.block_size), (4, 128, 64))  # the CPU defaults stay
+
+    def test_bfloat16_only_where_the_gpu_has_it_and_compile_only_where_triton_can(self):
+        for capability, dtype, compiled in (((9, 0), 'bfloat16', True), ((8, 0), 'bfloat16', True),
+                                             ((7, 5), 'float16', True), ((6, 1), 'float16', False)):
+            _, out = self.cuda_setup(capability)
+            self.assertEqual((gpt.dtype, gpt.compile), (dtype, compiled), capability)
+            self.assertEqual('torch.compile needs compute capability 7.0' in out, not compiled)
+        gpt.setup(gpt.parse_args([f'--data_dir={self.data_dir}', '--device=cpu'], gpt.DEFAULTS, gpt.__file__))
+        self.assertEqual((gpt.dtype, gpt.compile), ('float32', False))
+
+    def test_compiling_each_block_changes_no_step_and_no_checkpoint_key(self):
+        real_compile = torch.compile
+        with mock.patch.object(torch, 'compile', lambda fn, **kw: real_compile(fn, backend='aot_eager', **kw)):
+            steps = {}
+            for compiled in (True, False):
+                with mock.patch.multiple(gpt, compile=compiled, device='cpu', dtype='float32'):
+                    gpt.setup(gpt.parse_args([f'--data_dir={self.data_dir}', '--device=cpu', '--n_layer=2',
+                                              '--n_embd=32', '--block_size=16', '--batch_size=4'],
+                                             gpt.DEFAULTS, gpt.__file__))
+                    gpt.compile = compiled
+                    model, optimizer, scaler = gpt.build(self.meta['vocab_size'])
+                    steps[compiled] = [gpt.train_step(model, optimizer, scaler, it).item() for it in range(3)]
+                    keys = list(model.state_dict())
+                    self.assertEqual(all(hasattr(b, '_compiled_call_impl') and b._compiled_call_impl is not None
+                                         for b in model.blocks), compiled)
+                    self.assertFalse(any('_orig_mod' in k for k in keys))
+        for a, b in zip(steps[True], steps[False]):
+            self.assertAlmostEqual(a, b, places=5)
+
+    def test_a_second_run_into_an_out_dir_in_use_is_refused_in_one_line(self):
+        out = os.path.join(self.dir, 'out')
+        os.makedirs(out)
+        with open(os.path.join(out, 'lock'), 'w') as held:  # another run holds the folder
+            import fcntl
+            fcntl.flock(held, fcntl.LOCK_EX)
+            before = snapshot(out)
+            code, _, err = cli('gpt.py', self.train_args(max_iters=2, lr_decay_iters=2))
+            self.assertEqual((code, err.count('\n')), (2, 1), err)
+            self.assertIn('is in use by another run', err)
+            self.assertEqual(snapshot(out), before)
+        code, _, err = cli('gpt.py', self.train_args(max_iters=2, lr_decay_iters=2))  # released: it runs
+        self.assertEqual(code, 0, err)
+
+    def test_generate_at_temperature_zero_is_greedy_and_a_tiny_temperature_is_too(self):
+        model = tiny_model()
+        idx = torch.zeros((2, 1), dtype=torch.long)
+        greedy = idx
+        for _ in range(10):
+            greedy = torch.cat((greedy, model(greedy[:, -8:])[0][:, -1].argmax(-1, keepdim=True)), dim=1)
+        self.assertTrue(torch.equal(model.generate(idx, 10, temperature=0), greedy))
+        self.assertTrue(torch.equal(model.generate(idx, 10, temperature=1e-30), greedy))
+
+    def test_ctrl_c_in_a_script_says_so_in_one_line(self):
+        def interrupted(argv):
+            raise KeyboardInterrupt
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as stop:
+            gpt.run_cli(interrupted, [])
+        self.assertEqual((stop.exception.code, err.getvalue()), (130, 'error: stopped by Ctrl-C\n'))
+
+
+_TORCHRUN_DRIVER = """import os, sys, errno
+from unittest import mock
+sys.path.insert(0, {here!r})
+import gpt
+fault = sys.argv.pop(1)
+if fault == 'nan_on_rank_1' and os.environ['RANK'] == '1':  # process 1 alone sees a nan loss from step 3 on
+    forward = gpt.GPT.forward
+    def nan_forward(self, idx, targets=None, cache=None):
+        logits, loss = forward(self, idx, targets, cache)
+        nan_forward.calls += self.training
+        return logits, (loss * float('nan') if loss is not None and nan_forward.calls > 3 else loss)
+    nan_forward.calls = 0
+    gpt.GPT.forward = nan_forward
+if fault == 'full_disk_on_rank_0' and os.environ['RANK'] == '0':  # process 0's second save hits a full disk
+    fsync, calls = os.fsync, []
+    def full(fd):
+        calls.append(fd)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        fsync(fd)
+    gpt.os.fsync = full
+gpt.run_cli(gpt.main)
+"""
+
+
+class TestTorchrunAgreement(DataDirTest):
+    """Under torchrun, processes agree: a fault in any one ends them all, in one line, instead of a hang."""
+
+    def torchrun(self, fault):
+        driver = os.path.join(self.dir, 'driver.py')
+        pathlib.Path(driver).write_text(_TORCHRUN_DRIVER.format(here=HERE))
+        return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                               driver, fault, *self.train_args(fault, eval_interval=4)], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+    def test_a_nan_on_one_process_or_a_full_disk_on_another_ends_every_process_with_one_line(self):
+        for fault, line in (('nan_on_rank_1', 'error: the loss is nan at iter 4'),
+                            ('full_disk_on_rank_0', 'error: cannot write to')):
+            with self.subTest(fault):
+                r = self.torchrun(fault)  # a hang would end in the timeout
+                self.assertNotEqual(r.returncode, 0)
+                ours = [l for l in r.stderr.splitlines() if l.startswith('error: ')]
+                self.assertEqual(len(ours), 1, r.stderr[-3000:])
+                self.assertTrue(ours[0].startswith(line), ours)
+                self.assertNotIn('Traceback (most recent call last):\n  File "' + HERE, r.stderr)
 
 
 def _one_ddp_step(rank, world_size, rendezvous, batches, out_path):
