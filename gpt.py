@@ -1,8 +1,8 @@
-"""The reference GPT, a transformer trained from scratch on any text. Read it top to bottom: the lesson first."""
+"""The reference GPT, a transformer trained from scratch on any text. Read top to bottom: the lesson first."""
 import os, signal, sys  # noqa: E401
 if __name__ == '__main__':  # before the slow imports: Ctrl-C while torch loads ends in one line, exit 130
     signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write('error: stopped by Ctrl-C\n'), os._exit(130)))
-import collections, contextlib, difflib, fcntl, io, json, math, pathlib, re, subprocess, time  # noqa: E401, E402
+import collections, contextlib, difflib, fcntl, io, json, math, pathlib, re, subprocess, time  # noqa
 import numpy as np
 import torch
 from torch import distributed as dist, nn
@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 # CONFIG. Every setting is a global with its meaning; --key=value on the command line overrides it.
 # The model's shape
-n_layer = 4  # how many transformer blocks are stacked; 0 leaves a bigram model (each token predicts alone)
+n_layer = 4  # how many transformer blocks are stacked; 0 leaves a bigram model (a token and its position)
 n_head = 4  # how many attention heads run side by side in each block
 n_embd = 128  # how many channels describe each token in the residual stream
 block_size = 64  # how many tokens of context, at most, the model sees to predict the next one
@@ -41,12 +41,13 @@ dtype = 'auto'  # 'auto' is bfloat16 on GPUs that have it natively (float16 on o
 compile = True  # torch.compile each block on CUDA (CPU runs stay eager: there it made steps slower)
 flash = True  # attention by the fused F.scaled_dot_product_attention; False runs the written-out math
 seed = 1337  # seeds every random choice: same seed, same run
-GPU_RECIPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64, learning_rate=1e-3,
-                  max_iters=2000, warmup_iters=100, lr_decay_iters=2000, min_lr=1e-4, eval_interval=250,
-                  eval_iters=7)  # on CUDA, what you do not set: the reference model (10.7M), trained to its best val
-DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and isinstance(v, (bool, int, float, str))}  # all
+# On CUDA, what you do not set comes from here: the reference model (10.8M), trained to its best val loss.
+GPU_RECIPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
+                  learning_rate=1e-3, max_iters=2000, warmup_iters=100, lr_decay_iters=2000, min_lr=1e-4,
+                  eval_interval=250, eval_iters=7)
+DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and isinstance(v, (bool, int, float, str))}
 
-# TOKENIZER: text <-> ids: one id per character of the text's sorted vocabulary, or byte-level BPE (GPT-2's).
+# TOKENIZER: text <-> ids: one id per character of the text's sorted vocabulary, or byte-level BPE (as GPT-2).
 class CharTokenizer:
     def __init__(self, vocab):
         self.vocab, self.vocab_size = vocab, len(vocab)  # id -> character
@@ -63,8 +64,8 @@ class BPETokenizer:  # ids 0-255: the bytes; id 256 + i: the pair that prepare.p
         self.bytes = [bytes([i]) for i in range(256)]  # id -> the bytes it stands for
         for a, b in self.merges:
             self.bytes.append(self.bytes[a] + self.bytes[b])
-    def encode(self, text):  # any text: its bytes, then each merge in the order learned, the ids held as
-        s = text.encode('utf-8').decode('latin-1')  # characters chr(id): str.replace fuses left to right
+    def encode(self, text):  # any text: a character per byte (latin-1: chr(b) is byte b), then each merge in
+        s = text.encode('utf-8').decode('latin-1')  # learned order; ids as characters: str.replace fuses
         for i, (a, b) in enumerate(self.merges):
             s = s.replace(chr(a) + chr(b), chr(256 + i))
         return [ord(c) for c in s]
@@ -90,7 +91,7 @@ def get_batch(split, starts=None):  # x and y, (B, T) each: the windows at start
 # gathers from earlier ones) and a feed-forward net; a last layer turns each into logits, next-token scores.
 GPTConfig = collections.namedtuple('GPTConfig', 'vocab_size block_size n_layer n_head n_embd dropout flash',
                                    defaults=(0.0, True))
-class MultiHeadAttention(nn.Module):  # n_head heads of hs = C / nh channels, each free to look for another thing
+class MultiHeadAttention(nn.Module):  # n_head heads of hs = C / nh channels, each free to look for another
     def __init__(self, cfg):
         super().__init__()
         self.n_head = cfg.n_head
@@ -104,7 +105,7 @@ class MultiHeadAttention(nn.Module):  # n_head heads of hs = C / nh channels, ea
         # (h+1)*hs. view cuts C into (nh, hs) and transpose makes the heads a batch dimension.
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in self.qkv(x).split(C, dim=2))  # (B, nh, T, hs) each
-        mask = None  # the causal mask: token t sees tokens 0..t
+        mask = None  # None: the causal mask, token t sees tokens 0..t (Head builds it)
         if cache is not None:  # generation only (sample.py): the keys and values of earlier tokens join
             k, v, mask = cache.append(k, v)  # (B, nh, S, hs) each; mask (T, S): which keys each query sees
         y = self.heads(q, k, v, mask)  # 2) every head attends (Head, next): (B, nh, T, hs)
@@ -118,14 +119,14 @@ class Head(nn.Module):
         self.flash, self.dropout = flash, nn.Dropout(dropout)
     def forward(self, q, k, v, mask=None):
         if not self.flash:  # written out: the lesson
-            # A score per (query, key): how much the query's token wants the key's. A dot product of hs terms has
-            # a variance that grows with hs; / sqrt(hs) keeps it near 1, where softmax stays soft, not one-hot.
-            wei = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B,nh,T,hs) @ (B,nh,hs,S) -> (B, nh, T, S)
-            # The targets are the inputs shifted by one: a token that saw later ones would read its own answer.
-            mask = torch.ones(wei.shape[-2:], dtype=torch.bool, device=q.device).tril() if mask is None else mask
-            wei = wei.masked_fill(~mask, float('-inf')).softmax(dim=-1)  # (B, nh, T, S): each row sums to 1
+            # A score per (query, key): how much the query's token wants the key's. A dot product of hs terms
+            # has a variance that grows with hs; / sqrt(hs) keeps it near 1: softmax stays soft, not one-hot.
+            wei = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B,nh,T,hs) @ (B,nh,hs,S) -> (B,nh,T,S)
+            # The targets are the inputs shifted by one: a token that saw later ones would read its answer.
+            mask = torch.ones_like(wei[0, 0], dtype=torch.bool).tril() if mask is None else mask  # (T, S)
+            wei = wei.masked_fill(~mask, float('-inf')).softmax(dim=-1)  # exp(-inf) = 0; each row sums to 1
             return self.dropout(wei) @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs): a weighted mean
-        # The same, fused into one kernel (flash attention) that never stores the (T, S) scores; a test proves it
+        # The same, fused into one kernel (flash attention) that can skip storing the scores; a test proves it
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                               dropout_p=self.dropout.p if self.training else 0.0)
 class FeedForward(nn.Module):  # a two-layer MLP applied to each position on its own, 4x wider inside
@@ -158,31 +159,31 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying: reading and writing a token share a vector
-        # GPT-2 init: N(0, 0.02); the layers that write into the residual stream (attn.proj and ffwd.proj, 2 per
-        for name, module in self.named_modules():  # block) / sqrt(2 * n_layer): their sum keeps its variance
+        # GPT-2 init: N(0, 0.02), but attn.proj and ffwd.proj (2 per block, writing into the residual stream)
+        for name, module in self.named_modules():  # get 0.02 / sqrt(2 * n_layer): the sum keeps its variance
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith('.proj') else 0.02
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-    def forward(self, idx, targets=None, cache=None):  # idx (B, T) -> logits (B, T, V), and the loss if targets
+    def forward(self, idx, targets=None, cache=None):  # idx (B, T) -> logits (B, T, V), the loss if targets
         pos = torch.arange(idx.shape[1], device=idx.device) + (0 if cache is None else cache.length)  # (T,)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C) + (T, C) -> (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else cache.layers[i])
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
-        # The loss: at each of the B * T positions, -log(the probability given to the true next token)
+        # The loss: -log(the probability given to the true next token), averaged over the B * T positions
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):  # more ways, a KV cache: sample.py
-        for _ in range(max_new_tokens):  # each new token drawn given the last block_size; temperature 0: argmax
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):  # more, and a KV cache: sample.py
+        for _ in range(max_new_tokens):  # each token drawn given the last block_size; temperature 0: argmax
             logits = self(idx[:, -self.config.block_size:])[0][:, -1].float()  # (B, V): the last position's
-            logits = logits - logits.amax(dim=-1, keepdim=True)  # the likeliest at 0: a tiny temperature is fine
+            logits = logits - logits.amax(dim=-1, keepdim=True)  # the likeliest at 0: any temperature is fine
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]  # (B, 1)
                 logits = logits.masked_fill(logits < kth, float('-inf'))
-            probs = F.softmax(logits / temperature, dim=-1) if temperature > 0 else (logits == 0).float()  # (B, V)
+            probs = F.softmax(logits / temperature, dim=-1) if temperature > 0 else (logits == 0).float()
             idx = torch.cat((idx, torch.multinomial(probs, 1)), dim=1)  # (B, T + 1)
         return idx
 
@@ -207,28 +208,28 @@ def estimate_loss(model, meta, splits=('train', 'val')):
 
 # TRAINING: the learning-rate schedule, the optimizer, one step, and the loop that repeats it.
 def get_lr(it):
-    if it < warmup_iters:  # 1) warmup: a fresh model's first Adam steps are large and can diverge; ramp up
+    if it < warmup_iters:  # 1) warmup: Adam's first moment estimates are noisy, full steps can diverge
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it >= lr_decay_iters:  # 2) after the decay, min_lr
         return min_lr
-    # 3) In between, a cosine down to min_lr: big steps while the loss falls fast, then ever smaller ones, so
-    progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)  # the loss settles
+    # 3) In between, a cosine down to min_lr: big steps while the loss falls fast, then small ones: it settles
+    progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)  # 0 -> learning_rate, 1 -> min_lr
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 def build(vocab_size):  # the model, its AdamW optimizer and loss scaler
     torch.manual_seed(seed)  # the same initial weights in every process
     model = GPT(GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout, flash)).to(device)
-    # Weight decay shrinks the weights the loss does not need, against overfitting: only matrices and
-    groups = [{'params': [p for p in model.parameters() if p.dim() >= 2]},  # embeddings, as biases and LayerNorm
-              {'params': [p for p in model.parameters() if p.dim() < 2], 'weight_decay': 0.0}]  # gains only shift/scale
+    # Weight decay (against overfitting) on matrices and embeddings only; biases, LayerNorm gains just shift
+    groups = [{'params': [p for p in model.parameters() if p.dim() >= 2]},  # and scale. dim >= 2: decayed
+              {'params': [p for p in model.parameters() if p.dim() < 2], 'weight_decay': 0.0}]  # dim < 2: not
     optimizer = torch.optim.AdamW(groups, learning_rate, (beta1, beta2), weight_decay=weight_decay,
                                   fused=device.split(':')[0] in ('cuda', 'cpu'))  # one kernel for all
-    scaler = torch.amp.GradScaler(enabled=dtype == 'float16')  # a no-op unless float16, whose small
-    for block in model.blocks if compile else []:  # gradients need scaling. Fused kernels, compiled
-        block.compile()  # once for all the (identical) blocks: far quicker than compiling the whole model
+    scaler = torch.amp.GradScaler(enabled=dtype == 'float16')  # float16 only: small gradients would underflow
+    for block in model.blocks if compile else []:  # CUDA: fused kernels, compiled once for all the identical
+        block.compile()  # blocks: far quicker than compiling the whole model
     return model, optimizer, scaler
 def train_step(model, optimizer, scaler, it):  # -> the mean loss, a tensor: reading it waits for the GPU
     model.train()  # dropout on (estimate_loss turned it off)
-    torch.manual_seed(hash((seed, it, rank)))  # this step's batches and dropout: see "exact resume" below
+    torch.manual_seed(hash((seed, it, rank)))  # from (seed, step, process): after a resume, the same batches
     for group in optimizer.param_groups:
         group['lr'] = get_lr(it)
     total = 0.0
@@ -265,8 +266,8 @@ def train(ckpt, meta):  # the training loop; ckpt: the checkpoint that a resumed
 # Exact resume: a checkpoint holds all the state that training changes (weights, AdamW's moments, the loss
 # scale, the step, the best val loss, the settings), which SafetyNet puts back; the random draws come from a
 # seed per step (seed, step, process), so none is saved: on the CPU a resumed run is bit for bit the run that
-# never stopped. Under torchrun, process 0 alone evaluates, prints and writes files; all processes agree at
-# each eval and log step, so that a stop, a nan or an error ends them all.
+# never stopped. Under torchrun, process 0 alone prints and writes files; all processes agree at each eval
+# and log step (each evaluates the same weights), so that a stop, a nan or an error ends them all.
 rank, world_size = 0, 1  # setup() sets these when torchrun starts this process
 class UserError(Exception):  # a mistake the user can fix (a setting, a file): one line, exit code 2
     pass
@@ -285,15 +286,15 @@ class SafetyNet:  # for train(): checkpoints, log lines and log.csv, signals, th
             optimizer.load_state_dict(ckpt['optimizer'])
             scaler.load_state_dict(ckpt['scaler'] or scaler.state_dict())  # a bfloat16 run saved no scale
     def __enter__(self):
-        if rank == 0:  # out_dir's lock, one run at a time; the OS frees it when the process ends, by a crash too
+        if rank == 0:  # out_dir's lock: one run at a time; the OS frees it as the process ends, crash or not
             os.makedirs(out_dir, exist_ok=True)
             self.lock = open(f'{out_dir}/lock', 'w')
             try:
                 fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 self.lock.close()
-                raise UserError(f'{out_dir}/ is in use by another run; wait for it, or use --out_dir=NAME') from None
-            recipe = 'its own settings' if self.ckpt else 'the gpu recipe' if 'cuda' in device else 'the defaults'
+                raise UserError(f'{out_dir}/ is in use by another run; wait, or use --out_dir=NAME') from None
+            recipe = 'its own settings' if self.ckpt else 'the gpu recipe' if 'cuda' in device else 'defaults'
             print(f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters on {device} in "
                   f"{dtype}, {recipe}, {self.tokens_per_it:,} tokens per step, "
                   f"{f'resuming at iter {self.start}' if self.ckpt else 'from scratch'}")
@@ -301,7 +302,7 @@ class SafetyNet:  # for train(): checkpoints, log lines and log.csv, signals, th
             if os.path.exists(self.log_path):
                 print(f"note: {self.log_path}, left by a run that saved no checkpoint, starts afresh")
             pathlib.Path(self.log_path).write_text('iter,train_loss,val_loss,val_bpc,lr,tokens_per_s\n')
-        self.handlers = {s: signal.signal(s, lambda sig, _: self.stop.append(sig)) for s in (2, 15)}  # INT, TERM
+        self.handlers = {s: signal.signal(s, lambda sig, _: self.stop.append(sig)) for s in (2, 15)}
         return self
     def __exit__(self, *_):
         for s, handler in self.handlers.items():
@@ -310,22 +311,23 @@ class SafetyNet:  # for train(): checkpoints, log lines and log.csv, signals, th
     def log(self, it, loss, line, *row):  # a line and a log.csv row; a loss of nan or inf ends the run first,
         if not math.isfinite(loss):  # before it can overwrite a checkpoint
             sys.exit(1 if rank else f"error: the loss is {loss} at iter {it}: training diverged; lower "
-                     f"--learning_rate (now {learning_rate}) or raise --warmup_iters; the checkpoints are kept")
+                     f"--learning_rate (now {learning_rate}) or raise --warmup_iters; checkpoints are kept")
         if rank == 0:
             print(line)
             with open(self.log_path, 'a') as f:
                 f.write(','.join(map(str, (it, *row))) + '\n')
-    def evaluate_and_save(self, it):  # every process evaluates: the same weights and windows, the same verdict
+    def evaluate_and_save(self, it):  # every process evaluates: same weights, same windows, same verdict
         if it == self.start and self.ckpt:
             return  # evaluated before it was saved
         with torch.compiler.set_stance('force_eager'):  # compiled for the training shapes only
             train, val = estimate_loss(self.model, self.meta).values()
             torch.manual_seed(seed)  # the same seed at every eval: watch the same text improve
-            out = self.model.generate(torch.zeros((1, 1), dtype=torch.long, device=device), 100)[0, 1:].tolist()
+            out = self.model.generate(torch.zeros((1, 1), dtype=torch.long, device=device), 100)[0, 1:]
         bpc = val * self.meta['val_tokens'] / self.meta['val_chars'] / math.log(2)  # README: bits per char
+        text = load_tokenizer(self.meta['tokenizer']).decode(out.tolist()).strip()
         self.log(it, val, f"iter {it}: train loss {train:.4f}, val loss {val:.4f}, {bpc:.4f} bits/char\n"
-                 + load_tokenizer(self.meta['tokenizer']).decode(out).strip(), f'{train:.4f}', f'{val:.4f}',
-                 f'{bpc:.4f}', f'{get_lr(it):.4g}', '')
+                 + text,
+                 f'{train:.4f}', f'{val:.4f}', f'{bpc:.4f}', f'{get_lr(it):.4g}', '')
         improved, self.best_val = val < self.best_val, min(self.best_val, val)
         self.save(it, ['ckpt.pt', 'last.pt'] if improved else ['last.pt'])  # ckpt.pt: the best val loss
         self.t_log, self.it_log = time.time(), it  # the eval does not count in the training speed
@@ -334,8 +336,8 @@ class SafetyNet:  # for train(): checkpoints, log lines and log.csv, signals, th
             if asked := int(agree(self.stop[0] if self.stop else 0, dist.ReduceOp.MAX)):
                 self.save(it, ['last.pt'])
                 if rank == 0:
-                    print(f"stopped by {signal.Signals(asked).name} at iter {it}; saved last.pt. Resume with: "
-                          f"python gpt.py --init_from=resume --out_dir={out_dir}")
+                    print(f"stopped by {signal.Signals(asked).name} at iter {it}; saved last.pt. Resume "
+                          f"with: python gpt.py --init_from=resume --out_dir={out_dir}")
                 sys.exit(128 + asked)
     def log_step(self, it, loss):
         loss, dt = agree(loss.item()) / world_size, (time.time() - self.t_log) / (it - self.it_log)
@@ -345,10 +347,10 @@ class SafetyNet:  # for train(): checkpoints, log lines and log.csv, signals, th
         self.t_log, self.it_log = time.time(), it
     def save(self, it, names):  # atomic, ckpt.pt first: after a crash at any moment the run resumes from one
         error, buffer = None, io.BytesIO()  # serialized in memory first: a full disk then raises an OSError
-        torch.save({'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(), 'iter_num': it,
-                    'scaler': self.scaler.state_dict(), 'best_val_loss': self.best_val, 'config': {
-                    k: globals()[k] for k in DEFAULTS}, 'model_args': self.model.config._asdict(),
-                    'tokenizer': self.meta['tokenizer']}, buffer)
+        torch.save({'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+                    'scaler': self.scaler.state_dict(), 'best_val_loss': self.best_val, 'iter_num': it,
+                    'tokenizer': self.meta['tokenizer'], 'model_args': self.model.config._asdict(),
+                    'config': {k: globals()[k] for k in DEFAULTS}}, buffer)
         for path in (f'{out_dir}/{name}' for name in names if rank == 0 and not error):
             try:
                 with open(path + '.tmp', 'wb') as f:
@@ -377,25 +379,27 @@ def load_model(path, device='cpu', keys=()):  # a checkpoint, or an out_dir's ck
     return ckpt if keys else (model.to(device).eval(), tokenizer)
 def read_data():  # meta.json, once it and the token files are checked: all read back as untrusted
     if not os.path.isfile(f'{data_dir}/train.bin') and (data_dir != 'data' or world_size > 1):
-        raise UserError(f"--data_dir={data_dir} holds no train.bin; make it: python prepare.py --data_dir={data_dir}")
+        raise UserError(f"--data_dir={data_dir} holds no train.bin; make it: python prepare.py "
+                        f"--data_dir={data_dir}")
     if not os.path.isfile(f'{data_dir}/train.bin'):
         print(f"no {data_dir}/train.bin yet: running prepare.py first", flush=True)
-        if code := subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), 'prepare.py')]).returncode:
+        if code := subprocess.run([sys.executable, pathlib.Path(__file__).parent / 'prepare.py']).returncode:
             sys.exit(code)  # prepare.py said why
     try:
         meta = json.loads(pathlib.Path(data_dir, 'meta.json').read_text('utf-8'))
-        data = [np.memmap(f'{data_dir}/{s}.bin', dtype=np.uint16, mode='r') for s in ('train', 'val')]
-        fits = [len(d) == meta[f'{s}_tokens'] and meta[f'{s}_chars'] > 0 for s, d in zip(('train', 'val'), data)]
+        splits = ('train', 'val')
+        data = [np.memmap(f'{data_dir}/{s}.bin', dtype=np.uint16, mode='r') for s in splits]
+        fits = [len(d) == meta[s + '_tokens'] and meta[s + '_chars'] > 0 for s, d in zip(splits, data)]
         fits += [d[i:i + 2 ** 24].max() < meta['vocab_size'] for d in data for i in range(0, len(d), 2 ** 24)]
         fits += [len(load_tokenizer(meta['tokenizer']).decode(range(meta['vocab_size']))) > 0]  # ids, strings
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
         fits = [False]
     if not all(fits):
-        raise UserError(f"--data_dir={data_dir} is incomplete or inconsistent (meta.json missing, unreadable or not "
-                        "matching the token files); run prepare.py again")
+        raise UserError(f"--data_dir={data_dir} is incomplete or inconsistent (meta.json missing, unreadable "
+                        "or not matching the token files); run prepare.py again")
     if len(data[1]) <= block_size:
-        raise UserError(f"--block_size={block_size} needs more than the {len(data[1])} tokens of the val split; use "
-                        f"--block_size={max(1, len(data[1]) - 1)} or less")
+        raise UserError(f"--block_size={block_size} needs more than the {len(data[1])} tokens of the val "
+                        f"split; use --block_size={max(1, len(data[1]) - 1)} or less")
     return meta
 def parse_args(argv, defaults, source):  # --key=value overrides, typed as the defaults (true/false for bools)
     if {'-h', '--help'} & set(argv):  # each key with its default and its comment in the source file
@@ -423,7 +427,7 @@ def setup(overrides):  # settings, device and data, all checked before any work;
     global device, dtype, compile, rank, world_size
     globals().update({**DEFAULTS, **overrides})
     found = [p for p in (f'{out_dir}/last.pt', f'{out_dir}/ckpt.pt') if os.path.isfile(p)]  # last.pt first
-    keys = ('optimizer', 'scaler', 'iter_num', 'best_val_loss', 'config')  # what resuming needs, besides the model
+    keys = ('optimizer', 'scaler', 'iter_num', 'best_val_loss', 'config')  # resuming needs these too
     ckpt = load_model(found[0], keys=keys) if found and init_from == 'resume' else None
     kept = {k: v for k, v in ckpt['config'].items() if type(v) is type(DEFAULTS.get(k))} if ckpt else {}
     globals().update({**kept, **{k: DEFAULTS[k] for k in ('out_dir', 'device', 'dtype')}, **overrides})
@@ -435,13 +439,14 @@ def setup(overrides):  # settings, device and data, all checked before any work;
         capability = torch.cuda.get_device_capability(device)  # 8.0 and up (Ampere...): native bfloat16
         g.update({k: v for k, v in GPU_RECIPE.items() if k not in overrides and not ckpt})
         if compile and capability < (7, 0):
-            print(f"note: torch.compile needs compute capability 7.0 or more, this GPU has {capability}: eager")
+            print(f"note: torch.compile needs compute capability 7.0 or more, this GPU has {capability}")
     compile = compile and capability >= (7, 0)  # the CPU stays eager
     if dtype == 'auto':  # bfloat16 where the GPU has it natively; on most CPUs it is many times slower
         dtype = ('bfloat16' if capability >= (8, 0) else 'float16') if cuda else 'float32'
     need = 16 * (12 * n_layer * n_embd ** 2 + 65536 * n_embd) + 4 * batch_size * block_size * n_layer * (
         34 * n_embd + 5 * n_head * block_size)  # about: weights, gradients, AdamW's moments, activations
-    have = torch.cuda.mem_get_info(device)[1] if cuda else os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    have = torch.cuda.mem_get_info(device)[1] if cuda else \
+        os.sysconf('SC_PAGESIZE') * os.sysconf('SC_PHYS_PAGES')  # bytes of memory on the device
     rules = [(0 < g[k] < math.inf, f'--{k}={g[k]} must be positive') for k in ('eval_interval', 'eval_iters',
              'log_interval', 'batch_size', 'gradient_accumulation_steps', 'block_size', 'n_head', 'n_embd',
              'max_iters', 'lr_decay_iters', 'learning_rate')]  # written so that nan fails too
@@ -461,7 +466,8 @@ def setup(overrides):  # settings, device and data, all checked before any work;
               (not ckpt or ckpt['iter_num'] < max_iters, f'{out_dir}/ has finished its {max_iters} steps; to '
                'train longer, resume with larger --max_iters and --lr_decay_iters'),
               (need < have, f'--batch_size={batch_size} x --block_size={block_size} at this model size needs '
-               f'about {need / 2 ** 30:,.0f} GiB, more than {device} has ({have / 2 ** 30:,.0f} GiB); lower them')]
+               f'about {need / 2 ** 30:,.0f} GiB, more than {device} has ({have / 2 ** 30:,.0f} GiB); '
+               'lower them')]
     if broken := [message for ok, message in rules if not ok]:
         raise UserError(broken[0])
     if (meta := read_data()) and ckpt and ckpt['tokenizer'] != meta['tokenizer']:
@@ -479,7 +485,7 @@ def main(argv):
         if dist.is_initialized():  # leave together: a process that tears down early breaks the others' links
             dist.barrier()
     except OSError as e:  # a full disk, a folder turned read-only...: the checkpoints are whole, old or new
-        raise UserError(f"cannot write to {out_dir}/ ({e.strerror or e}); its checkpoints are kept; once that "
+        raise UserError(f"cannot write to {out_dir}/ ({e.strerror or e}); its checkpoints are kept; once it "
                         f"is fixed, resume: python gpt.py --init_from=resume --out_dir={out_dir}") from None
     finally:
         if dist.is_initialized():

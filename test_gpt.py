@@ -580,6 +580,13 @@ class TestCheckpointAndConfig(DataDirTest):
                 '--batch_size=4', '--block_size=16', '--n_layer=1', '--log_interval=2', cwd=fresh)
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn('running prepare.py first', r.stdout)
+        pathlib.Path(fresh, 'data').rename(pathlib.Path(fresh, 'data-kept'))  # now `data` cannot be a folder:
+        pathlib.Path(fresh, 'data').write_text('a file')  # prepare.py, run by gpt.py, says so, and that is all
+        r2 = run('gpt.py', '--max_iters=4', f'--out_dir={fresh}/out2', cwd=fresh)
+        self.assertEqual((r2.returncode, r2.stderr.count('\n')), (2, 1), r2.stderr)
+        self.assertRegex(r2.stderr, r'^error: cannot write to data/ \(')
+        pathlib.Path(fresh, 'data').unlink()
+        pathlib.Path(fresh, 'data-kept').rename(pathlib.Path(fresh, 'data'))
         self.assertIn('val loss', r.stdout)
         self.assertTrue(os.path.isfile(os.path.join(fresh, 'data', 'train.bin')))
         code, stdout, err = cli('sample.py', [f'--out_dir={fresh}/out', f'--start=FILE:{fresh}/prompt.txt',
