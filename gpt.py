@@ -2,7 +2,7 @@
 import os, signal, sys  # noqa: E401
 if __name__ == '__main__':  # before the slow imports: Ctrl-C while torch loads ends in one line, exit 130
     signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write('error: stopped by Ctrl-C\n'), os._exit(130)))
-import collections, contextlib, difflib, fcntl, io, json, math, pathlib, re, subprocess, time  # noqa
+import collections, contextlib, difflib, fcntl, gc, io, json, math, pathlib, re, subprocess, time  # noqa
 import numpy as np
 import torch
 from torch import distributed as dist, nn
@@ -488,7 +488,8 @@ def main(argv):
         raise UserError(f"cannot write to {out_dir}/ ({e.strerror or e}); its checkpoints are kept; once it "
                         f"is fixed, resume: python gpt.py --init_from=resume --out_dir={out_dir}") from None
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized():  # DDP sits in a reference cycle: collect it first, or its group is torn
+            gc.collect()  # down at exit while the others are still connected, and the process aborts
             dist.destroy_process_group()
 def run_cli(main, argv=None):  # a UserError or Ctrl-C ends a script with one line on stderr, no traceback
     try:
