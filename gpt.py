@@ -11,9 +11,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 # CONFIG. Every setting is a global with its meaning; --key=value on the command line overrides it.
 # The model's shape
-n_layer = 4  # how many transformer blocks are stacked; 0 leaves a bigram model (a token and its position)
+n_layer = 4  # how many transformer blocks are stacked; 0: each prediction sees only its token and position
 n_head = 4  # how many attention heads run side by side in each block
-n_embd = 128  # how many channels describe each token in the residual stream
+n_embd = 128  # channels per token: the vector (the 'residual stream') that every block adds to
 block_size = 64  # how many tokens of context, at most, the model sees to predict the next one
 dropout = 0.0  # what fraction of activations is zeroed in training; helps long runs on small data
 # The optimization
@@ -64,8 +64,8 @@ class BPETokenizer:  # ids 0-255: the bytes; id 256 + i: the pair that prepare.p
         self.bytes = [bytes([i]) for i in range(256)]  # id -> the bytes it stands for
         for a, b in self.merges:
             self.bytes.append(self.bytes[a] + self.bytes[b])
-    def encode(self, text):  # any text: a character per byte (latin-1: chr(b) is byte b), then each merge in
-        s = text.encode('utf-8').decode('latin-1')  # learned order; ids as characters: str.replace fuses
+    def encode(self, text):  # bytes -> a character each (latin-1: chr(b) is byte b): ids and characters agree
+        s = text.encode('utf-8').decode('latin-1')  # then merge i, in order, makes its pair chr(256 + i)
         for i, (a, b) in enumerate(self.merges):
             s = s.replace(chr(a) + chr(b), chr(256 + i))
         return [ord(c) for c in s]
@@ -75,11 +75,11 @@ def load_tokenizer(meta):  # meta: the 'tokenizer' entry of meta.json (or of a c
     return BPETokenizer(meta['merges']) if meta['kind'] == 'bpe' else CharTokenizer(meta['vocab'])
 
 # DATA: prepare.py's uint16 token files, read through np.memmap (no corpus has to fit in memory).
-def get_batch(split, starts=None):  # x and y, (B, T) each: the windows at starts, or batch_size random ones
+def get_batch(split, starts=None):  # x, y (B, T) each: rows of T + 1 tokens at starts (or B random ones)
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
     if starts is None:
-        starts = torch.randint(len(data) - block_size, (batch_size,)).numpy()
-    # A row: block_size + 1 tokens; x is its first block_size, y the same shifted one on. So one row teaches T
+        starts = torch.randint(len(data) - block_size, (batch_size,)).numpy()  # each leaves T + 1 tokens
+    # A row: the T + 1 tokens at start + 0..T ((B, T + 1) indices); x its first T, y its last T. It teaches T
     # predictions at once: y[t], the token after x[0..t], for each t (the causal mask sees to that).
     rows = torch.from_numpy(data[np.asarray(starts)[:, None] + np.arange(block_size + 1)].astype(np.int64))
     if device.startswith('cuda'):  # page-locked memory: the copy to the GPU runs while it computes
@@ -91,12 +91,12 @@ def get_batch(split, starts=None):  # x and y, (B, T) each: the windows at start
 # gathers from earlier ones) and a feed-forward net; a last layer turns each into logits, next-token scores.
 GPTConfig = collections.namedtuple('GPTConfig', 'vocab_size block_size n_layer n_head n_embd dropout flash',
                                    defaults=(0.0, True))
-class MultiHeadAttention(nn.Module):  # n_head heads of hs = C / nh channels, each free to look for another
+class MultiHeadAttention(nn.Module):  # n_head heads of hs = C / nh channels, each learns its own pattern
     def __init__(self, cfg):
         super().__init__()
         self.n_head = cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)  # query, key, value of all heads at once
-        self.heads = Head(cfg.dropout, cfg.flash)
+        self.heads = Head(cfg.dropout, cfg.flash)  # one module runs all n_head heads at once
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)  # mixes the heads' outputs into the residual stream
         self.resid_dropout = nn.Dropout(cfg.dropout)
     def forward(self, x, cache=None):
@@ -105,9 +105,9 @@ class MultiHeadAttention(nn.Module):  # n_head heads of hs = C / nh channels, ea
         # (h+1)*hs. view cuts C into (nh, hs) and transpose makes the heads a batch dimension.
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in self.qkv(x).split(C, dim=2))  # (B, nh, T, hs) each
-        mask = None  # None: the causal mask, token t sees tokens 0..t (Head builds it)
+        mask = None  # None means the plain causal mask: token t sees tokens 0..t (Head builds it)
         if cache is not None:  # generation only (sample.py): the keys and values of earlier tokens join
-            k, v, mask = cache.append(k, v)  # (B, nh, S, hs) each; mask (T, S): which keys each query sees
+            k, v, mask = cache.append(k, v)  # (B, nh, S, hs), S: cached + new; mask (T, S)
         y = self.heads(q, k, v, mask)  # 2) every head attends (Head, next): (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # 3) (B, T, C): the heads side by side again
         return self.resid_dropout(self.proj(y))
@@ -122,9 +122,9 @@ class Head(nn.Module):
             # A score per (query, key): how much the query's token wants the key's. A dot product of hs terms
             # has a variance that grows with hs; / sqrt(hs) keeps it near 1: softmax stays soft, not one-hot.
             wei = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B,nh,T,hs) @ (B,nh,hs,S) -> (B,nh,T,S)
-            # The targets are the inputs shifted by one: a token that saw later ones would read its answer.
+            # Targets are the inputs shifted by one: a token that saw later ones would read its answer.
             mask = torch.ones_like(wei[0, 0], dtype=torch.bool).tril() if mask is None else mask  # (T, S)
-            wei = wei.masked_fill(~mask, float('-inf')).softmax(dim=-1)  # exp(-inf) = 0; each row sums to 1
+            wei = wei.masked_fill(~mask, float('-inf')).softmax(dim=-1)  # row t: keys 0..t; exp(-inf) = 0
             return self.dropout(wei) @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs): a weighted mean
         # The same, fused into one kernel (flash attention) that can skip storing the scores; a test proves it
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -156,11 +156,11 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd)  # attention by itself ignores order
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.ln_f = nn.LayerNorm(config.n_embd)  # normalizes the residual sum once, at the end (see Block)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying: reading and writing a token share a vector
         # GPT-2 init: N(0, 0.02), but attn.proj and ffwd.proj (2 per block, writing into the residual stream)
-        for name, module in self.named_modules():  # get 0.02 / sqrt(2 * n_layer): the sum keeps its variance
+        for name, module in self.named_modules():  # get 0.02 / sqrt(2 * n_layer): depth won't grow the sum
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith('.proj') else 0.02
                 nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -172,14 +172,14 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else cache.layers[i])
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
-        # The loss: -log(the probability given to the true next token), averaged over the B * T positions
+        # The loss: -log(probability of the true next token), averaged over the B * T positions (as B*T rows)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):  # more, and a KV cache: sample.py
         for _ in range(max_new_tokens):  # each token drawn given the last block_size; temperature 0: argmax
-            logits = self(idx[:, -self.config.block_size:])[0][:, -1].float()  # (B, V): the last position's
-            logits = logits - logits.amax(dim=-1, keepdim=True)  # the likeliest at 0: any temperature is fine
+            logits = self(idx[:, -self.config.block_size:])[0][:, -1].float()  # (B, V): the next token's
+            logits = logits - logits.amax(dim=-1, keepdim=True)  # the max is 0: no overflow; argmax: == 0
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]  # (B, 1)
                 logits = logits.masked_fill(logits < kth, float('-inf'))
@@ -208,22 +208,29 @@ def estimate_loss(model, meta, splits=('train', 'val')):
 
 # TRAINING: the learning-rate schedule, the optimizer, one step, and the loop that repeats it.
 def get_lr(it):
-    if it < warmup_iters:  # 1) warmup: Adam's first moment estimates are noisy, full steps can diverge
+    if it < warmup_iters:  # 1) warmup: AdamW's step sizes rest on few gradients yet: full steps diverge
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it >= lr_decay_iters:  # 2) after the decay, min_lr
         return min_lr
     # 3) In between, a cosine down to min_lr: big steps while the loss falls fast, then small ones: it settles
     progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)  # 0 -> learning_rate, 1 -> min_lr
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
-def build(vocab_size):  # the model, its AdamW optimizer and loss scaler
+def build(vocab_size, ckpt=None):  # the model, its AdamW optimizer and loss scaler: new, or as ckpt left them
     torch.manual_seed(seed)  # the same initial weights in every process
     model = GPT(GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout, flash)).to(device)
-    # Weight decay (against overfitting) on matrices and embeddings only; biases, LayerNorm gains just shift
-    groups = [{'params': [p for p in model.parameters() if p.dim() >= 2]},  # and scale. dim >= 2: decayed
-              {'params': [p for p in model.parameters() if p.dim() < 2], 'weight_decay': 0.0}]  # dim < 2: not
+    # Weight decay (against overfitting) only on matrices and embeddings (dim >= 2); biases and LayerNorm
+    groups = [{'params': [p for p in model.parameters() if p.dim() >= 2]},  # gains (dim < 2) shift, scale
+              {'params': [p for p in model.parameters() if p.dim() < 2], 'weight_decay': 0.0}]
     optimizer = torch.optim.AdamW(groups, learning_rate, (beta1, beta2), weight_decay=weight_decay,
                                   fused=device.split(':')[0] in ('cuda', 'cpu'))  # one kernel for all
     scaler = torch.amp.GradScaler(enabled=dtype == 'float16')  # float16 only: small gradients would underflow
+    if ckpt:  # Exact resume: a checkpoint holds all the state training changes: these three, and the step,
+        # the best val loss and the settings (SafetyNet.save, below). Random draws come from a seed per step
+        # (train_step), so none is saved: the resumed run is bit for bit the run that never stopped (on the
+        # CPU; GPU kernels may sum in any order).
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])  # AdamW's moments: without them, the steps would differ
+        scaler.load_state_dict(ckpt['scaler'] or scaler.state_dict())  # a bfloat16 run saved no scale
     for block in model.blocks if compile else []:  # CUDA: fused kernels, compiled once for all the identical
         block.compile()  # blocks: far quicker than compiling the whole model
     return model, optimizer, scaler
@@ -238,21 +245,21 @@ def train_step(model, optimizer, scaler, it):  # -> the mean loss, a tensor: rea
         if isinstance(model, DDP):  # under torchrun, average the gradients over processes once, at the end
             model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
         with autocast():
-            loss = model(x, y)[1] / gradient_accumulation_steps  # so that the gradients sum to the mean's
+            loss = model(x, y)[1] / gradient_accumulation_steps  # N summed: the gradient of the mean loss
         scaler.scale(loss).backward()  # the gradient of the loss with respect to every parameter
         total += loss.detach()
     if grad_clip > 0:  # one unlucky batch cannot throw the weights far: the gradient's norm is capped
-        scaler.unscale_(optimizer)
+        scaler.unscale_(optimizer)  # undo the loss scaling first: the cap is on the true gradient
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)  # AdamW moves each weight against its gradient
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return total
 def train(ckpt, meta):  # the training loop; ckpt: the checkpoint that a resumed run continues, or None
-    model, optimizer, scaler = build(meta['vocab_size'])
+    model, optimizer, scaler = build(meta['vocab_size'], ckpt)
     step_model = DDP(model) if world_size > 1 else model  # DDP averages the gradients of all processes
     with SafetyNet(model, optimizer, scaler, meta, ckpt) as run:  # checkpoints, logs, stops: see below
-        for it in range(run.start, max_iters + 1):  # it: how many steps are done
+        for it in range(run.start, max_iters + 1):  # it: steps done (run.start: 0, or where it resumes)
             if it % eval_interval == 0 or it == max_iters:
                 run.evaluate_and_save(it)  # train and val loss, a sample, ckpt.pt and last.pt
             if it == max_iters:
@@ -263,11 +270,8 @@ def train(ckpt, meta):  # the training loop; ckpt: the checkpoint that a resumed
                 run.log_step(it + 1, loss)
 
 # THE SAFETY NET (skip on a first read): what makes a run safe to stop, resume and spread over processes.
-# Exact resume: a checkpoint holds all the state that training changes (weights, AdamW's moments, the loss
-# scale, the step, the best val loss, the settings), which SafetyNet puts back; the random draws come from a
-# seed per step (seed, step, process), so none is saved: on the CPU a resumed run is bit for bit the run that
-# never stopped. Under torchrun, process 0 alone prints and writes files; all processes agree at each eval
-# and log step (each evaluates the same weights), so that a stop, a nan or an error ends them all.
+# Checkpoints are written whole or not at all. Under torchrun, process 0 alone prints and writes files; all
+# processes agree at each eval and log step (same weights), so that a stop, a nan or an error ends them all.
 rank, world_size = 0, 1  # setup() sets these when torchrun starts this process
 class UserError(Exception):  # a mistake the user can fix (a setting, a file): one line, exit code 2
     pass
@@ -281,10 +285,6 @@ class SafetyNet:  # for train(): checkpoints, log lines and log.csv, signals, th
         self.start, self.best_val = (ckpt['iter_num'], ckpt['best_val_loss']) if ckpt else (0, math.inf)
         self.stop, self.t_log, self.it_log, self.log_path = [], time.time(), self.start, f'{out_dir}/log.csv'
         self.tokens_per_it = batch_size * block_size * gradient_accumulation_steps * world_size
-        if ckpt:  # exact resume: every piece of state that training changes comes back
-            model.load_state_dict(ckpt['model'])
-            optimizer.load_state_dict(ckpt['optimizer'])
-            scaler.load_state_dict(ckpt['scaler'] or scaler.state_dict())  # a bfloat16 run saved no scale
     def __enter__(self):
         if rank == 0:  # out_dir's lock: one run at a time; the OS frees it as the process ends, crash or not
             os.makedirs(out_dir, exist_ok=True)
