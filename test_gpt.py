@@ -4,6 +4,7 @@ Tests: each states a property of a GPT or of its scripts. CPU, tiny models, no n
     python -m unittest test_gpt
 """
 import argparse
+import concurrent.futures
 import contextlib
 import csv
 import errno
@@ -11,6 +12,7 @@ import gc
 import io
 import json
 import math
+import multiprocessing
 import os
 import pathlib
 import random
@@ -38,6 +40,7 @@ import sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(1)  # tiny models: one thread is faster, and steady on a busy machine
+os.environ.setdefault('OMP_NUM_THREADS', '1')  # and so in the processes the tests start
 TEXT = ''.join(f"{w} the {n} of {v}.\n" for w, n, v in zip(
     ['Sing', 'Tell', 'Speak', 'Weep', 'Laugh', 'Dream', 'Fight'] * 20,
     ['song', 'tale', 'truth', 'grief', 'joy', 'night', 'war', 'sea'] * 20,
@@ -105,11 +108,109 @@ class DataDirTest(unittest.TestCase):
         self.meta = quiet(prepare.prepare, self.input, self.data_dir)
 
     def train_args(self, out='out', **overrides):
-        args = dict(data_dir=self.data_dir, out_dir=os.path.join(self.dir, out), batch_size=4, block_size=16,
-                    n_layer=2, n_head=2, n_embd=32, max_iters=12, lr_decay_iters=12, warmup_iters=2,
-                    eval_interval=6, eval_iters=2, log_interval=1, device='cpu')
-        args.update(overrides)
-        return [f'--{k}={v}' for k, v in args.items()]
+        return training_args(self.dir, out, **overrides)
+
+
+def training_args(folder, out='out', **overrides):
+    """gpt.py's arguments for a quick run of a small model on folder/data, into folder/out."""
+    args = dict(data_dir=os.path.join(folder, 'data'), out_dir=os.path.join(folder, out), batch_size=4, block_size=16,
+                n_layer=2, n_head=2, n_embd=32, max_iters=12, lr_decay_iters=12, warmup_iters=2,
+                eval_interval=6, eval_iters=2, log_interval=1, device='cpu')
+    args.update(overrides)
+    return [f'--{k}={v}' for k, v in args.items()]
+
+
+# -- Launches started ahead ------------------------------------------------------------------------------------------
+# A few tests start processes and wait for them: torchrun, a fresh folder's first `python gpt.py`. A new process
+# spends about 2 s of a core importing torch (and its compiler, at the first optimizer), while the other tests run
+# in this process, on one thread. So when the whole module runs (python -m unittest test_gpt), these launches start
+# with the suite, one after another in a background thread, each in a folder of its own; they use the second core
+# while the other tests run, and the test takes what its launch returned and asserts on it as if it had just
+# launched it. A test run alone (python -m unittest test_gpt.TestX.test_y) launches when it runs, in its folder.
+# A launch in the background only runs processes and touches its folder: no print, no mock, no torch, no tempfile,
+# no chdir, as the test running beside it may be redirecting stdout or mocking those; its processes get the
+# environment the suite started with, as that test may patch os.environ. The launches that fork this process (it
+# shares its imports with the copies: no 2 s each) run before the thread starts, as a fork copies only the thread
+# that calls it.
+
+ENVIRONMENT = dict(os.environ)
+LANES = 1  # launches running at once beside the tests (a torchrun launch is three processes)
+AHEAD = {}  # (launch, args) -> a function that waits for what launch(folder, *args) returned
+
+
+def load_tests(loader, tests, pattern):  # the loader found the whole module
+    return SuiteWithLaunchesAhead(tests)
+
+
+class SuiteWithLaunchesAhead(unittest.TestSuite):
+    """The module's tests, run once the launches of those that have one have started."""
+
+    def run(self, result, debug=False):
+        def ids(suite):
+            for test in suite:
+                yield from ids(test) if isinstance(test, unittest.TestSuite) else [test.id().split('.', 1)[1]]
+        selected = set(ids(self))
+
+        def of_selected(launches):  # {test: [(launch, *args), ...]} -> [(launch, args), ...] of the tests here
+            return [(launch, tuple(args)) for test, started in launches.items() if test in selected
+                    for launch, *args in started]
+        forking = of_selected({  # run now, one after the other, before the background thread starts
+            'TestWhatTheWeakTestsNowAssert.test_a_ddp_step_on_two_processes_equals_one_step_on_both_batches':
+                [(ddp_step_on_two_processes,)],
+            'TestReliability.test_a_kill_during_the_first_checkpoint_write_never_locks_the_run_out':
+                [(killed_during_the_first_checkpoint_write,)]})
+        in_background = of_selected({  # started in this order
+            'TestCheckpointAndConfig.test_end_to_end_a_fresh_folder_prepares_its_data_trains_and_samples':
+                [(gpt_py_in_a_fresh_folder,)],
+            'TestTorchrunAgreement.test_a_nan_on_one_process_or_a_full_disk_on_another_ends_every_process_with_'
+            'one_line': [(torchrun_with_a_fault, 'nan_on_rank_1'), (torchrun_with_a_fault, 'full_disk_on_rank_0')],
+            'TestWhatTheWeakTestsNowAssert.test_torchrun_with_two_cpu_processes_trains_and_saves_a_checkpoint_'
+            'sample_py_reads': [(torchrun_trains_on_two_cpu_processes,)]})
+        with contextlib.ExitStack() as stack:  # on the way out: no launch left waiting, then no folder left
+            folders = {key: stack.enter_context(data_folder()) for key in forking + in_background}
+            pool = concurrent.futures.ThreadPoolExecutor(LANES, thread_name_prefix='launch')
+            stack.callback(pool.shutdown, cancel_futures=True)
+            stack.callback(AHEAD.clear)
+            for launch, args in forking:
+                AHEAD[launch, args] = run_now(launch, folders[launch, args], *args).result
+            for launch, args in in_background:
+                AHEAD[launch, args] = pool.submit(launch, folders[launch, args], *args).result
+            return super().run(result, debug)
+
+
+def run_now(launch, *args):
+    """A finished Future of launch(*args): its result, or what it raised, for the test to see."""
+    future = concurrent.futures.Future()
+    try:
+        future.set_result(launch(*args))
+    except Exception as e:
+        future.set_exception(e)
+    return future
+
+
+def launched(folder, launch, *args):
+    """What launch(folder, *args) returns: started ahead, in a folder of its own, when the whole module runs;
+    otherwise run now, in `folder`."""
+    wait = AHEAD.pop((launch, args), None)
+    return wait() if wait else launch(folder, *args)
+
+
+@contextlib.contextmanager
+def data_folder():
+    """A temporary folder as DataDirTest.setUp makes one: input.txt and the token files prepare.py made of it."""
+    with tempfile.TemporaryDirectory() as folder:
+        pathlib.Path(folder, 'input.txt').write_text(TEXT, encoding='utf-8')
+        quiet(prepare.prepare, os.path.join(folder, 'input.txt'), os.path.join(folder, 'data'))
+        yield folder
+
+
+_run_process = subprocess.run  # the real one, whatever a test beside a launch mocks
+
+
+def completed(args, cwd, **environment):
+    """subprocess.run(args) in cwd, capturing its output, in the environment the suite started with."""
+    return _run_process(args, cwd=cwd, capture_output=True, text=True, timeout=120,
+                        env={**ENVIRONMENT, **environment})
 
 
 class TestTokenizerAndData(DataDirTest):
@@ -481,6 +582,26 @@ class TestGeneration(unittest.TestCase):
         self.assertLess(lengths[0.0], lengths[3.0])  # by log-probability the shortest wins; / length**3, a long one
 
 
+def gpt_py_in_a_fresh_folder(folder):
+    """`python gpt.py` in a folder that holds input.txt and prompt.txt alone, then again once `data` is a file:
+    (the first run, the second, the folder)."""
+    fresh = os.path.join(folder, 'fresh')
+    os.makedirs(fresh)
+    pathlib.Path(fresh, 'input.txt').write_text(TEXT, encoding='utf-8')
+    pathlib.Path(fresh, 'prompt.txt').write_text('Sing the', encoding='utf-8')
+    gpt_py = [sys.executable, os.path.join(HERE, 'gpt.py')]
+    r = completed([*gpt_py, '--max_iters=4', '--lr_decay_iters=4', '--eval_interval=2', '--eval_iters=2',
+                   '--batch_size=4', '--block_size=16', '--n_layer=1', '--log_interval=2'], cwd=fresh)
+    if r.returncode:
+        return r, None, fresh
+    pathlib.Path(fresh, 'data').rename(pathlib.Path(fresh, 'data-kept'))  # now `data` cannot be a folder:
+    pathlib.Path(fresh, 'data').write_text('a file')  # prepare.py, run by gpt.py, says so, and that is all
+    r2 = completed([*gpt_py, '--max_iters=4', f'--out_dir={fresh}/out2'], cwd=fresh)
+    pathlib.Path(fresh, 'data').unlink()
+    pathlib.Path(fresh, 'data-kept').rename(pathlib.Path(fresh, 'data'))
+    return r, r2, fresh
+
+
 class TestCheckpointAndConfig(DataDirTest):
 
     def test_checkpoint_round_trip_gives_identical_logits_and_loads_weights_only(self):
@@ -528,21 +649,12 @@ class TestCheckpointAndConfig(DataDirTest):
         self.assertEqual((out.getvalue(), err.getvalue(), os.listdir(empty)), ('', '', []))
 
     def test_end_to_end_a_fresh_folder_prepares_its_data_trains_and_samples(self):
-        fresh = os.path.join(self.dir, 'fresh')
-        os.makedirs(fresh)
-        pathlib.Path(fresh, 'input.txt').write_text(TEXT, encoding='utf-8')
-        pathlib.Path(fresh, 'prompt.txt').write_text('Sing the', encoding='utf-8')
-        r = run('gpt.py', '--max_iters=4', '--lr_decay_iters=4', '--eval_interval=2', '--eval_iters=2',
-                '--batch_size=4', '--block_size=16', '--n_layer=1', '--log_interval=2', cwd=fresh)
+        r, r2, fresh = launched(self.dir, gpt_py_in_a_fresh_folder)  # started ahead: see launched
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn('running prepare.py first', r.stdout)
-        pathlib.Path(fresh, 'data').rename(pathlib.Path(fresh, 'data-kept'))  # now `data` cannot be a folder:
-        pathlib.Path(fresh, 'data').write_text('a file')  # prepare.py, run by gpt.py, says so, and that is all
-        r2 = run('gpt.py', '--max_iters=4', f'--out_dir={fresh}/out2', cwd=fresh)
+        # r2: once `data` cannot be a folder, prepare.py, run by gpt.py, says so, and that is all
         self.assertEqual((r2.returncode, r2.stderr.count('\n')), (2, 1), r2.stderr)
         self.assertRegex(r2.stderr, r'^error: cannot write to data/ \(')
-        pathlib.Path(fresh, 'data').unlink()
-        pathlib.Path(fresh, 'data-kept').rename(pathlib.Path(fresh, 'data'))
         self.assertIn('val loss', r.stdout)
         self.assertTrue(os.path.isfile(os.path.join(fresh, 'data', 'train.bin')))
         code, stdout, err = cli('sample.py', [f'--out_dir={fresh}/out', f'--start=FILE:{fresh}/prompt.txt',
@@ -554,9 +666,27 @@ class TestCheckpointAndConfig(DataDirTest):
             self.assertTrue(s.split('\n', 1)[1].startswith('Sing the'))
 
 
-def _kill_during_first_save(argv):  # a child process: SIGKILL in the middle of the first checkpoint write
+def _kill_during_first_save(argv, log):  # a child process: SIGKILL in the middle of the first checkpoint write
+    output = os.open(log, os.O_WRONLY | os.O_CREAT)
+    for printed_to in (1, 2):  # stdout and stderr: to the log
+        os.dup2(output, printed_to)
     with mock.patch.object(gpt.os, 'fsync', lambda fd: os.kill(os.getpid(), signal.SIGKILL)):
         gpt.main(argv)
+
+
+def killed_during_the_first_checkpoint_write(folder):
+    """gpt.py's main on folder/data, in a copy of this process (forked: it shares this one's imports) killed while
+    it writes its first checkpoint: (its exit code, what it printed, the folder)."""
+    from torch import _dynamo  # noqa: F401  what torch imports at an optimizer's first step: here, once
+    log = os.path.join(folder, 'killed.log')
+    child = multiprocessing.get_context('fork').Process(target=_kill_during_first_save,
+                                                        args=(training_args(folder), log))
+    child.start()
+    child.join(120)
+    if child.exitcode is None:  # alive: as subprocess.run's timeout would
+        child.kill()
+        raise subprocess.TimeoutExpired(['gpt.main', *training_args(folder)], 120, pathlib.Path(log).read_text())
+    return child.exitcode, pathlib.Path(log).read_text(), folder
 
 
 class TestReliability(DataDirTest):
@@ -576,22 +706,21 @@ class TestReliability(DataDirTest):
             self.assertTrue(torch.equal(a['model'][key], b['model'][key]), key)
 
     def test_a_kill_during_the_first_checkpoint_write_never_locks_the_run_out(self):
-        out = os.path.join(self.dir, 'out')
-        code = f'import sys, test_gpt; test_gpt._kill_during_first_save(sys.argv[1:])'
-        r = subprocess.run([sys.executable, '-c', code, *self.train_args()], cwd=HERE, capture_output=True, text=True,
-                           timeout=120)
-        self.assertEqual(r.returncode, -signal.SIGKILL, r.stderr)
+        returncode, printed, folder = launched(self.dir, killed_during_the_first_checkpoint_write)  # see launched
+        out = os.path.join(folder, 'out')
+        self.assertEqual(returncode, -signal.SIGKILL, printed)
         self.assertIn('ckpt.pt.tmp', os.listdir(out))  # killed while writing the very first checkpoint
-        code, _, err = cli('gpt.py', self.train_args() + ['--init_from=resume'])
+        code, _, err = cli('gpt.py', training_args(folder) + ['--init_from=resume'])
         self.assertEqual(code, 2)
         self.assertIn('holds no checkpoint; use --init_from=scratch', err)
-        code, stdout, err = cli('gpt.py', self.train_args())  # what the error said: it works
+        code, stdout, err = cli('gpt.py', training_args(folder))  # what the error said: it works
         self.assertEqual(code, 0, err)
         self.assertIn('left by a run that saved no checkpoint, starts afresh', stdout)
         # A crash after the first ckpt.pt, during the first last.pt, leaves ckpt.pt alone: resume takes it.
         os.remove(os.path.join(out, 'last.pt'))
         best = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['iter_num']
-        code, stdout, err = cli('gpt.py', self.train_args(max_iters=14, lr_decay_iters=14) + ['--init_from=resume'])
+        code, stdout, err = cli('gpt.py', training_args(folder, max_iters=14, lr_decay_iters=14) +
+                                ['--init_from=resume'])
         self.assertEqual(code, 0, err)
         self.assertIn(f'resuming at iter {best}', stdout)
 
@@ -877,21 +1006,22 @@ gpt.run_cli(gpt.main)
 """
 
 
+def torchrun_with_a_fault(folder, fault):
+    """torchrun of gpt.py on two CPU processes, training on folder/data, with `fault` in one of them."""
+    driver = os.path.join(folder, f'driver_{fault}.py')
+    pathlib.Path(driver).write_text(_TORCHRUN_DRIVER.format(here=HERE))
+    return completed([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', driver,
+                      fault, *training_args(folder, fault, eval_interval=4)], cwd=HERE, OMP_NUM_THREADS='1')
+
+
 class TestTorchrunAgreement(DataDirTest):
     """Under torchrun, processes agree: a fault in any one ends them all, in one line, instead of a hang."""
-
-    def torchrun(self, fault):
-        driver = os.path.join(self.dir, 'driver.py')
-        pathlib.Path(driver).write_text(_TORCHRUN_DRIVER.format(here=HERE))
-        return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                               driver, fault, *self.train_args(fault, eval_interval=4)], capture_output=True, text=True,
-                              timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1'})
 
     def test_a_nan_on_one_process_or_a_full_disk_on_another_ends_every_process_with_one_line(self):
         for fault, line in (('nan_on_rank_1', 'error: the loss is nan at iter 4'),
                             ('full_disk_on_rank_0', 'error: cannot write to')):
             with self.subTest(fault):
-                r = self.torchrun(fault)  # a hang would end in the timeout
+                r = launched(self.dir, torchrun_with_a_fault, fault)  # started ahead; a hang would end in the timeout
                 self.assertNotEqual(r.returncode, 0)
                 ours = [l for l in r.stderr.splitlines() if l.startswith('error: ')]
                 self.assertEqual(len(ours), 1, r.stderr[-3000:])
@@ -1701,6 +1831,29 @@ def _one_ddp_step_leaving_together(rank, world_size, rendezvous, batches, out_pa
     dist.destroy_process_group()
 
 
+def ddp_step_on_two_processes(folder):
+    """One DDP step on two processes, each on two micro-batches of four: (the four, the file the processes met
+    through, the weights process 0 saved). The processes are forked: they share this one's imports."""
+    g = torch.Generator().manual_seed(1)
+    b = [(torch.randint(11, (2, 8), generator=g), torch.randint(11, (2, 8), generator=g)) for _ in range(4)]
+    out_path = os.path.join(folder, 'ddp.pt')
+    rendezvous = os.path.join(folder, 'rendezvous')  # a file the processes meet through: no port to clash
+    # torch imports its compiler at an optimizer's first step; imported in a process while its process group is
+    # up, it keeps the group, and so the rendezvous file, to the end of the process: here, not in each child
+    from torch import _dynamo  # noqa: F401
+    torch.multiprocessing.start_processes(_one_ddp_step_leaving_together, nprocs=2, start_method='fork',
+                                          args=(2, rendezvous, [b[:2], b[2:]], out_path))
+    return b, rendezvous, out_path
+
+
+def torchrun_trains_on_two_cpu_processes(folder):
+    """torchrun of gpt.py on two CPU processes, training on folder/data: (the launch, its out_dir)."""
+    return completed([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                      os.path.join(HERE, 'gpt.py'), *training_args(folder, max_iters=4, lr_decay_iters=4,
+                                                                    gradient_accumulation_steps=2)],
+                     cwd=HERE, OMP_NUM_THREADS='1'), os.path.join(folder, 'out')
+
+
 def expected_samples(out_dir, start, num_samples, max_new_tokens, temperature=0.8, top_k=200, seed=1337):
     """The texts sample.py must print for these settings: the model of out_dir/ckpt.pt, sampled with the seed."""
     model, tok = gpt.load_model(out_dir)
@@ -1842,12 +1995,7 @@ class TestWhatTheWeakTestsNowAssert(DataDirTest):
     def test_a_ddp_step_on_two_processes_equals_one_step_on_both_batches(self):
         """...each process accumulating two micro-batches: the gradients are averaged over processes once, after
         the last micro-batch (a sync after the first would leave the second one's unaveraged)."""
-        torch.manual_seed(1)
-        b = [(torch.randint(11, (2, 8)), torch.randint(11, (2, 8))) for _ in range(4)]
-        out_path = os.path.join(self.dir, 'ddp.pt')
-        rendezvous = os.path.join(self.dir, 'rendezvous')  # a file the processes meet through: no port to clash
-        torch.multiprocessing.spawn(_one_ddp_step_leaving_together, args=(2, rendezvous, [b[:2], b[2:]], out_path),
-                                    nprocs=2)
+        b, rendezvous, out_path = launched(self.dir, ddp_step_on_two_processes)  # run ahead: see launched
         self.assertFalse(os.path.exists(rendezvous))  # the last process to leave removed it: both left cleanly
         combined = (torch.cat([x for x, _ in b]), torch.cat([y for _, y in b]))
         ddp, one = torch.load(out_path, weights_only=True), sgd_step_on([combined])
@@ -1857,21 +2005,14 @@ class TestWhatTheWeakTestsNowAssert(DataDirTest):
 
     # replaces TestScalingUp.test_torchrun_with_two_cpu_processes_trains_and_saves_a_checkpoint_sample_py_reads
     def test_torchrun_with_two_cpu_processes_trains_and_saves_a_checkpoint_sample_py_reads(self):
-        r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                            os.path.join(HERE, 'gpt.py'), *self.train_args(max_iters=4, lr_decay_iters=4,
-                                                                         gradient_accumulation_steps=2)],
-                           capture_output=True, text=True, timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        r, out_dir = launched(self.dir, torchrun_trains_on_two_cpu_processes)  # started ahead: see launched
         self.assertEqual(r.returncode, 0, r.stderr[-2000:])
         self.assertIn('256 tokens per step', r.stdout)  # 4 x 16 x 2 micro-batches x 2 processes
         self.assertEqual(r.stdout.count('iter 4: train loss'), 1)  # only process 0 evaluates and reports
-        self.assertEqual(torch.load(f'{self.dir}/out/last.pt', weights_only=True)['iter_num'], 4)
-        out = output_of(sample.main, [f'--out_dir={self.dir}/out', '--start=Sing', '--num_samples=1',
+        self.assertEqual(torch.load(f'{out_dir}/last.pt', weights_only=True)['iter_num'], 4)
+        out = output_of(sample.main, [f'--out_dir={out_dir}', '--start=Sing', '--num_samples=1',
                                       '--max_new_tokens=5', '--device=cpu'])
-        self.assertEqual(out, expected_samples(f'{self.dir}/out', 'Sing', 1, 5)[0] + '\n')
-
-
-if __name__ == '__main__':
-    unittest.main()
+        self.assertEqual(out, expected_samples(out_dir, 'Sing', 1, 5)[0] + '\n')
 
 
 class TestTeardown(DataDirTest):
@@ -1899,9 +2040,6 @@ class TestTeardown(DataDirTest):
                 mock.patch.object(dist, 'destroy_process_group', destroy):
             quiet(gpt.main, self.train_args(max_iters=2, lr_decay_iters=2, eval_interval=2))
         self.assertEqual(alive, [0])
-
-
-@unittest.skipUnless(torch.cuda.is_available(), 'needs a CUDA GPU (bench.py gpu runs these on one)')
 
 
 @unittest.skipUnless(torch.cuda.is_available(), 'needs a CUDA GPU (bench.py gpu runs these on one)')
