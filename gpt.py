@@ -75,10 +75,10 @@ def load_tokenizer(meta):  # meta: the 'tokenizer' entry of meta.json (or of a c
     return BPETokenizer(meta['merges']) if meta['kind'] == 'bpe' else CharTokenizer(meta['vocab'])
 
 # DATA: prepare.py's uint16 token files, read through np.memmap (no corpus has to fit in memory).
-def get_batch(split, starts=None):  # x, y (B, T) each: rows of T + 1 tokens at starts (or B random ones)
+def get_batch(split, starts=None):  # x, y (B, T) each (B: batch_size, T: block_size), at starts or random
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
     if starts is None:
-        starts = torch.randint(len(data) - block_size, (batch_size,)).numpy()  # each leaves T + 1 tokens
+        starts = torch.randint(len(data) - block_size, (batch_size,)).numpy()  # start + T: a row's end
     # A row: the T + 1 tokens at start + 0..T ((B, T + 1) indices); x its first T, y its last T. It teaches T
     # predictions at once: y[t], the token after x[0..t], for each t (the causal mask sees to that).
     rows = torch.from_numpy(data[np.asarray(starts)[:, None] + np.arange(block_size + 1)].astype(np.int64))
@@ -109,7 +109,7 @@ class MultiHeadAttention(nn.Module):  # n_head heads of hs = C / nh channels, ea
         if cache is not None:  # generation only (sample.py): the keys and values of earlier tokens join
             k, v, mask = cache.append(k, v)  # (B, nh, S, hs), S: cached + new; mask (T, S)
         y = self.heads(q, k, v, mask)  # 2) every head attends (Head, next): (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # 3) (B, T, C): the heads side by side again
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # 3) (B, T, C) again; view needs contiguous memory
         return self.resid_dropout(self.proj(y))
 class Head(nn.Module):
     """What one head computes from its queries, keys and values (T, hs). Written over the last two dimensions,
@@ -139,8 +139,8 @@ class FeedForward(nn.Module):  # a two-layer MLP applied to each position on its
         return self.dropout(self.proj(F.gelu(self.fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
 class Block(nn.Module):
     """Communication (attention), then computation (feed-forward), each added to the residual stream x.
-    Pre-norm (GPT-2): each part reads LayerNorm(x) but adds to x, a plain sum that gradients flow straight
-    through, however deep the stack. No block normalizes the sum itself, so ln_f does, before the output."""
+    Pre-norm (GPT-2; the first transformer normalized after the sum): each part reads LayerNorm(x) but adds
+    to x: a sum gradients flow straight through, however deep. No block normalizes the sum, so ln_f does."""
     def __init__(self, cfg):
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(cfg.n_embd), MultiHeadAttention(cfg)
@@ -159,8 +159,8 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd)  # normalizes the residual sum once, at the end (see Block)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying: reading and writing a token share a vector
-        # GPT-2 init: N(0, 0.02), but attn.proj and ffwd.proj (2 per block, writing into the residual stream)
-        for name, module in self.named_modules():  # get 0.02 / sqrt(2 * n_layer): depth won't grow the sum
+        # GPT-2 init: N(0, 0.02); the 2 .proj per block, writing into the residual stream, / sqrt(2 * n_layer)
+        for name, module in self.named_modules():  # so that the sum's variance does not grow with depth
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith('.proj') else 0.02
                 nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -179,7 +179,7 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):  # more, and a KV cache: sample.py
         for _ in range(max_new_tokens):  # each token drawn given the last block_size; temperature 0: argmax
             logits = self(idx[:, -self.config.block_size:])[0][:, -1].float()  # (B, V): the next token's
-            logits = logits - logits.amax(dim=-1, keepdim=True)  # the max is 0: no overflow; argmax: == 0
+            logits = logits - logits.amax(dim=-1, keepdim=True)  # max now 0: no overflow; == 0 is argmax
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]  # (B, 1)
                 logits = logits.masked_fill(logits < kth, float('-inf'))
@@ -195,7 +195,7 @@ def estimate_loss(model, meta, splits=('train', 'val')):
     model.eval()  # dropout off: the loss of the model itself, not of a randomly thinned copy
     out = {}
     for split in splits:
-        n = (meta[f'{split}_tokens'] - 1) // block_size  # non-overlapping windows that fit in the split
+        n = (meta[f'{split}_tokens'] - 1) // block_size  # windows at multiples of T (each needs T + 1)
         k = min(n, eval_iters * batch_size)  # k of them, spread evenly: window i starts at block i * n // k
         starts = np.arange(k) * n // k * block_size  # (with the defaults, Shakespeare's val split whole)
         total = torch.zeros((), device=device)
@@ -209,7 +209,7 @@ def estimate_loss(model, meta, splits=('train', 'val')):
 # TRAINING: the learning-rate schedule, the optimizer, one step, and the loop that repeats it.
 def get_lr(it):
     if it < warmup_iters:  # 1) warmup: AdamW's step sizes rest on few gradients yet: full steps diverge
-        return learning_rate * (it + 1) / (warmup_iters + 1)
+        return learning_rate * (it + 1) / (warmup_iters + 1)  # + 1: step 0 moves too
     if it >= lr_decay_iters:  # 2) after the decay, min_lr
         return min_lr
     # 3) In between, a cosine down to min_lr: big steps while the loss falls fast, then small ones: it settles
@@ -218,8 +218,8 @@ def get_lr(it):
 def build(vocab_size, ckpt=None):  # the model, its AdamW optimizer and loss scaler: new, or as ckpt left them
     torch.manual_seed(seed)  # the same initial weights in every process
     model = GPT(GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout, flash)).to(device)
-    # Weight decay (against overfitting) only on matrices and embeddings (dim >= 2); biases and LayerNorm
-    groups = [{'params': [p for p in model.parameters() if p.dim() >= 2]},  # gains (dim < 2) shift, scale
+    # Weight decay (against overfitting) on matrices and embeddings (dim >= 2) only, not on biases and
+    groups = [{'params': [p for p in model.parameters() if p.dim() >= 2]},  # LayerNorm gains (shift, scale)
               {'params': [p for p in model.parameters() if p.dim() < 2], 'weight_decay': 0.0}]
     optimizer = torch.optim.AdamW(groups, learning_rate, (beta1, beta2), weight_decay=weight_decay,
                                   fused=device.split(':')[0] in ('cuda', 'cpu'))  # one kernel for all
@@ -259,7 +259,7 @@ def train(ckpt, meta):  # the training loop; ckpt: the checkpoint that a resumed
     model, optimizer, scaler = build(meta['vocab_size'], ckpt)
     step_model = DDP(model) if world_size > 1 else model  # DDP averages the gradients of all processes
     with SafetyNet(model, optimizer, scaler, meta, ckpt) as run:  # checkpoints, logs, stops: see below
-        for it in range(run.start, max_iters + 1):  # it: steps done (run.start: 0, or where it resumes)
+        for it in range(run.start, max_iters + 1):  # it: steps done; at max_iters: a last eval, save
             if it % eval_interval == 0 or it == max_iters:
                 run.evaluate_and_save(it)  # train and val loss, a sample, ckpt.pt and last.pt
             if it == max_iters:
