@@ -12,16 +12,13 @@ train and target take every gpt.py setting too (--n_layer=6 ...) but out_dir and
 new model, with a temporary folder (deleted after) for its files and for torch.compile's cache, so that
 each compile is timed from cold. `python bench.py --help` lists each mode's own keys.
 """
-import os, signal, sys  # noqa: E401
-if __name__ == '__main__':  # before the slow imports: Ctrl-C while torch loads ends in one line, exit 130
-    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write('error: stopped by Ctrl-C\n'), os._exit(130)))
-import contextlib, csv, datetime, pathlib, platform, re, resource, statistics, subprocess, tempfile, threading, \
-    time, traceback  # noqa: E401, E402
+import contextlib, csv, datetime, math, os, pathlib, platform, re, statistics, subprocess, sys, tempfile, \
+    threading, time, traceback  # noqa: E401
 
-import torch  # noqa: E402
+import torch
 
-import gpt  # noqa: E402
-from gpt import UserError, parse_args, pick_device, run_cli  # noqa: E402
+import gpt
+from gpt import UserError, parse_args, pick_device, run_cli
 
 TRAIN = {
     'iters': 30,  # timed steps per repeat
@@ -89,6 +86,14 @@ def matmul_peak(device, dtype):
     return 20 * 2 * n ** 3 / (time.perf_counter() - t0)
 
 
+def peak_process_memory():
+    """The process's peak resident memory in bytes where the system tells it in /proc (Linux), else None."""
+    try:
+        return int(re.search(r'^VmHWM:\s+(\d+) kB', pathlib.Path('/proc/self/status').read_text(), re.M)[1]) * 1024
+    except (OSError, TypeError):
+        return None
+
+
 def bench_train(cfg):
     """Training steps of a new model in this process: the first one (it compiles the model where gpt.build
     does) timed apart, then the median ms/iter of the repeats. Prints a table; returns its figures."""
@@ -118,15 +123,15 @@ def bench_train(cfg):
     # 6 FLOPs per parameter per token (forward and backward), plus attention's q@k and att@v
     flops_per_token = 6 * n_params + 12 * gpt.n_layer * gpt.n_embd * gpt.block_size
     mfu = flops_per_token * tokens / dt / matmul_peak(gpt.device, getattr(torch, gpt.dtype))
-    peak_gib = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                * 1024) / 2 ** 30
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_process_memory()
+    peak_gib = None if peak is None else peak / 2 ** 30
     table(['', 'value'], [
         ['device, dtype, compiled', f"{gpt.device}, {gpt.dtype}, {gpt.compile}"],
         ['parameters', f"{n_params / 1e6:.2f}M"], ['tokens per iteration', f"{tokens:,}"],
         ['first step (compiles when compiled), s', f"{first_s:.1f}"], ['ms/iter (median)', f"{dt * 1000:.1f}"],
         ['all repeats, ms/iter', ', '.join(f"{t * 1000:.1f}" for t in times)], ['tokens/s', f"{tokens / dt:,.0f}"],
         ['MFU (of the measured matmul peak)', f"{mfu:.1%}"],
-        [f"peak {'GPU' if cuda else 'process'} memory, GiB", f"{peak_gib:.2f}"]])
+        [f"peak {'GPU' if cuda else 'process'} memory, GiB", '-' if peak_gib is None else f"{peak_gib:.2f}"]])
     return {'ms': dt * 1000, 'first_s': first_s, 'mfu': mfu * 100, 'peak_gib': peak_gib}
 
 
@@ -233,14 +238,18 @@ def bench_plot(cfg):
     library. A resumed run appends to log.csv, repeating the steps lost with the interrupted run: the latest
     row of each step is the one that counts."""
     path = os.path.join(cfg['out_dir'], 'log.csv')
-    try:
-        with open(path, newline='', encoding='utf-8') as f:
-            evals = {int(r['iter']): (float(r['train_loss']), float(r['val_loss'])) for r in csv.DictReader(f)
-                     if r['val_loss']}
-    except (OSError, KeyError, ValueError) as e:
+    try:  # utf-8-sig: a file saved by a spreadsheet may begin with a byte-order mark; strict: a lone quote fails
+        with open(path, newline='', encoding='utf-8-sig') as f:
+            rows = list(csv.DictReader(f, strict=True))
+        if any(None in r or None in r.values() for r in rows):  # too many or too few cells
+            raise ValueError('a row does not have the columns of the header')
+        evals = {int(r['iter']): (float(r['train_loss']), float(r['val_loss'])) for r in rows if r['val_loss']}
+    except (OSError, KeyError, ValueError, csv.Error) as e:
         raise UserError(f"{path} cannot be read as a gpt.py log ({e}); train into --out_dir first") from None
+    skipped = [i for i in evals if not all(map(math.isfinite, evals[i]))]  # a nan or inf loss has no place
+    evals = {i: losses for i, losses in evals.items() if i not in skipped}
     if not evals:
-        raise UserError(f"{path} holds no eval yet; plot it after the first eval")
+        raise UserError(f"{path} holds no eval with finite losses yet; plot it after the first eval")
     its = sorted(evals)
     lo, hi = min(min(evals[i]) for i in its), max(max(evals[i]) for i in its)
     lo, hi = (lo - 0.05, hi + 0.05) if hi - lo < 0.1 else (lo, hi)
@@ -272,7 +281,9 @@ def bench_plot(cfg):
     except OSError as e:
         raise UserError(f"cannot write {svg} ({e.strerror or e}); make {cfg['out_dir']}/ writable, or copy "
                         "log.csv into a folder that is and plot that one") from None
-    print(f"wrote {svg}: {len(its)} evals, best val loss {evals[best][1]:.4f} at iter {best}")
+    print(f"wrote {svg}: {len(its)} evals, best val loss {evals[best][1]:.4f} at iter {best}"
+          + (f"; left out the evals at iter {', '.join(map(str, sorted(skipped)))}: a loss of nan or inf" if skipped
+             else ''))
 
 
 def time_startup(device):
@@ -420,5 +431,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C unwinds, cleaning up runs and folders
     run_cli(main)

@@ -1,8 +1,5 @@
 """The reference GPT, a transformer trained from scratch on any text. Read top to bottom: the lesson first."""
-import os, signal, sys  # noqa: E401
-if __name__ == '__main__':  # before the slow imports: Ctrl-C while torch loads ends in one line, exit 130
-    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write('error: stopped by Ctrl-C\n'), os._exit(130)))
-import collections, contextlib, difflib, fcntl, gc, io, json, math, pathlib, re, subprocess, time  # noqa
+import collections, gc, io, json, math, os, pathlib, re, shlex, signal, subprocess, sys, time  # noqa: E401
 import numpy as np
 import torch
 from torch import distributed as dist, nn
@@ -41,7 +38,7 @@ dtype = 'auto'  # 'auto' is bfloat16 on GPUs that have it natively (float16 on o
 compile = True  # torch.compile each block on CUDA (CPU runs stay eager: there it made steps slower)
 flash = True  # attention by the fused F.scaled_dot_product_attention; False runs the written-out math
 seed = 1337  # seeds every random choice: same seed, same run
-# On CUDA, what you do not set comes from here: the reference model (10.8M), trained to its best val loss.
+# On CUDA, what you do not set comes from here: the reference model (10.76M parameters), trained to its best val loss.
 GPU_RECIPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
                   learning_rate=1e-3, max_iters=2000, warmup_iters=100, lr_decay_iters=2000, min_lr=1e-4,
                   eval_interval=250, eval_iters=7)
@@ -139,8 +136,9 @@ class FeedForward(nn.Module):  # a two-layer MLP applied to each position on its
         return self.dropout(self.proj(F.gelu(self.fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
 class Block(nn.Module):
     """Communication (attention), then computation (feed-forward), each added to the residual stream x.
-    Pre-norm (GPT-2; the first transformer normalized after the sum): each part reads LayerNorm(x) but adds
-    to x: a sum gradients flow straight through, however deep. No block normalizes the sum, so ln_f does."""
+    LayerNorm rescales each token's vector to mean 0 and variance 1, then applies a learned gain (scale) and
+    bias (shift). Pre-norm (GPT-2) normalizes what each part reads, x + f(LN(x)): the gradient flows through
+    the sum to x unchanged, however deep the stack. No block normalizes x itself, so the model ends on ln_f."""
     def __init__(self, cfg):
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(cfg.n_embd), MultiHeadAttention(cfg)
@@ -177,27 +175,30 @@ class GPT(nn.Module):
         return logits, loss
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):  # more, and a KV cache: sample.py
-        for _ in range(max_new_tokens):  # each token drawn given the last block_size; temperature 0: argmax
+        for _ in range(max_new_tokens):  # each new token is drawn given at most the last block_size tokens
             logits = self(idx[:, -self.config.block_size:])[0][:, -1].float()  # (B, V): the next token's
-            logits = logits - logits.amax(dim=-1, keepdim=True)  # max now 0: no overflow; == 0 is argmax
-            if top_k is not None:
+            logits = logits - logits.amax(dim=-1, keepdim=True)  # the same softmax, no overflow; the max is 0
+            if top_k is not None:  # only the k likeliest tokens stay candidates
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]  # (B, 1)
                 logits = logits.masked_fill(logits < kth, float('-inf'))
+            # Temperature 0 is greedy: the likeliest token (the max, now 0) gets all the probability.
             probs = F.softmax(logits / temperature, dim=-1) if temperature > 0 else (logits == 0).float()
             idx = torch.cat((idx, torch.multinomial(probs, 1)), dim=1)  # (B, T + 1)
         return idx
 
-# EVALUATION: the mean loss of each split over fixed windows, the same at every eval: no sampling noise.
+# EVALUATION: how good is the model? Its mean loss on each split, bits per character, and a sample.
 def autocast():  # mixed precision if dtype asks: matmuls in bfloat16 (or float16), reductions in float32
     return torch.autocast(device.split(':')[0], getattr(torch, dtype), enabled=dtype != 'float32')
 @torch.no_grad()
 def estimate_loss(model, meta, splits=('train', 'val')):
+    # A split of N tokens holds n = (N - 1) // T windows end to end (each needs T + 1 tokens: inputs and, one
+    # further, targets). k of them, spread evenly, are scored: window i starts at block i * n // k.
     model.eval()  # dropout off: the loss of the model itself, not of a randomly thinned copy
     out = {}
     for split in splits:
-        n = (meta[f'{split}_tokens'] - 1) // block_size  # windows at multiples of T (each needs T + 1)
-        k = min(n, eval_iters * batch_size)  # k of them, spread evenly: window i starts at block i * n // k
-        starts = np.arange(k) * n // k * block_size  # (with the defaults, Shakespeare's val split whole)
+        n = (meta[f'{split}_tokens'] - 1) // block_size
+        k = min(n, eval_iters * batch_size)  # with the defaults, all of Shakespeare's val split
+        starts = np.arange(k) * n // k * block_size
         total = torch.zeros((), device=device)
         for i in range(0, k, batch_size):
             x, y = get_batch(split, starts[i:i + batch_size])
@@ -205,29 +206,40 @@ def estimate_loss(model, meta, splits=('train', 'val')):
                 total += model(x, y)[1].float() * len(x)  # the batch's mean loss, weighted by its size
         out[split] = total.item() / k
     return out  # the model stays in eval mode (the sample after it too) until train_step
+def evaluate(model, meta):  # -> train loss, val loss, val bits per character, a sample of 100 tokens
+    with torch.compiler.set_stance('force_eager'):  # compiled for the training shapes only
+        train_loss, val_loss = estimate_loss(model, meta).values()
+        torch.manual_seed(seed)  # the same seed at every eval: watch the same text improve
+        out = model.generate(torch.zeros((1, 1), dtype=torch.long, device=device), 100)[0, 1:]
+    # A loss per token depends on the tokenizer; in bits (/ ln 2) per character it compares across tokenizers
+    bpc = val_loss * meta['val_tokens'] / meta['val_chars'] / math.log(2)
+    return train_loss, val_loss, bpc, load_tokenizer(meta['tokenizer']).decode(out.tolist()).strip()
 
 # TRAINING: the learning-rate schedule, the optimizer, one step, and the loop that repeats it.
-def get_lr(it):
-    if it < warmup_iters:  # 1) warmup: AdamW's step sizes rest on few gradients yet: full steps diverge
+def get_lr(it):  # the learning rate of step it
+    # 1) Warm up: a fresh network's gradients are large and erratic, and AdamW divides each step by a running
+    # estimate of their size that rests on few steps yet, so full steps now could throw the weights far off.
+    if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)  # + 1: step 0 moves too
-    if it >= lr_decay_iters:  # 2) after the decay, min_lr
+    if it >= lr_decay_iters:  # 3) after the decay, min_lr
         return min_lr
-    # 3) In between, a cosine down to min_lr: big steps while the loss falls fast, then small ones: it settles
+    # 2) Decay, along a cosine to min_lr: big steps while the loss falls fast, then small ones, so that the
+    # weights settle into the bottom of a valley instead of bouncing from side to side.
     progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)  # 0 -> learning_rate, 1 -> min_lr
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 def build(vocab_size, ckpt=None):  # the model, its AdamW optimizer and loss scaler: new, or as ckpt left them
     torch.manual_seed(seed)  # the same initial weights in every process
     model = GPT(GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout, flash)).to(device)
-    # Weight decay (against overfitting) on matrices and embeddings (dim >= 2) only, not on biases and
-    groups = [{'params': [p for p in model.parameters() if p.dim() >= 2]},  # LayerNorm gains (shift, scale)
+    # Weight decay (against overfitting) on matrices and embeddings (dim >= 2) only, not on the biases and
+    # LayerNorm gains, which only shift or scale a signal: pulling them towards 0 would not help.
+    groups = [{'params': [p for p in model.parameters() if p.dim() >= 2]},
               {'params': [p for p in model.parameters() if p.dim() < 2], 'weight_decay': 0.0}]
     optimizer = torch.optim.AdamW(groups, learning_rate, (beta1, beta2), weight_decay=weight_decay,
                                   fused=device.split(':')[0] in ('cuda', 'cpu'))  # one kernel for all
     scaler = torch.amp.GradScaler(enabled=dtype == 'float16')  # float16 only: small gradients would underflow
-    if ckpt:  # Exact resume: a checkpoint holds all the state training changes: these three, and the step,
-        # the best val loss and the settings (SafetyNet.save, below). Random draws come from a seed per step
-        # (train_step), so none is saved: the resumed run is bit for bit the run that never stopped (on the
-        # CPU; GPU kernels may sum in any order).
+    if ckpt:  # Exact resume. A checkpoint holds all the state that training changes: these three, the step,
+        # the best val loss and the settings (Run.save). Random draws come from a seed per step (train_step),
+        # so a resumed run is bit for bit the run that never stopped (on the CPU; GPU sums vary in order).
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])  # AdamW's moments: without them, the steps would differ
         scaler.load_state_dict(ckpt['scaler'] or scaler.state_dict())  # a bfloat16 run saved no scale
@@ -258,159 +270,148 @@ def train_step(model, optimizer, scaler, it):  # -> the mean loss, a tensor: rea
 def train(ckpt, meta):  # the training loop; ckpt: the checkpoint that a resumed run continues, or None
     model, optimizer, scaler = build(meta['vocab_size'], ckpt)
     step_model = DDP(model) if world_size > 1 else model  # DDP averages the gradients of all processes
-    with SafetyNet(model, optimizer, scaler, meta, ckpt) as run:  # checkpoints, logs, stops: see below
-        for it in range(run.start, max_iters + 1):  # it: steps done; at max_iters: a last eval, save
-            if it % eval_interval == 0 or it == max_iters:
-                run.evaluate_and_save(it)  # train and val loss, a sample, ckpt.pt and last.pt
-            if it == max_iters:
-                break
-            run.stop_if_asked(it)  # Ctrl-C or SIGTERM: save last.pt and exit
-            loss = train_step(step_model, optimizer, scaler, it)
-            if (it + 1) % log_interval == 0 or it + 1 == max_iters:
-                run.log_step(it + 1, loss)
+    run = Run(model, optimizer, scaler, meta, ckpt)  # logs, checkpoints and stops: see the safety net
+    for it in range(run.start, max_iters + 1):  # it: steps done; at max_iters: a last eval, and save
+        if it % eval_interval == 0 or it == max_iters:
+            train_loss, val_loss, bpc, text = evaluate(model, meta)
+            run.log(it, val_loss, f"iter {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                    f"{bpc:.4f} bits/char\n{text}", f'{train_loss:.4f}', f'{val_loss:.4f}', f'{bpc:.4f}')
+            # last.pt, the latest state, is what a resume continues; ckpt.pt, the best val loss so far, is what
+            # to sample from (on a small text, a long run ends up learning it by heart: it overfits)
+            run.best_val, improved = min(run.best_val, val_loss), val_loss < run.best_val
+            run.save(it, ['ckpt.pt', 'last.pt'] if improved else ['last.pt'])
+        if it == max_iters:
+            break
+        run.stop_if_asked(it)  # Ctrl-C, SIGTERM or a closed output: save last.pt and exit
+        loss = train_step(step_model, optimizer, scaler, it)
+        if (it + 1) % log_interval == 0 or it + 1 == max_iters:
+            run.log_step(it + 1, loss)
 
 # THE SAFETY NET (skip on a first read): what makes a run safe to stop, resume and spread over processes.
-# Checkpoints are written whole or not at all. Under torchrun, process 0 alone prints and writes files; all
-# processes agree at each eval and log step (same weights), so that a stop, a nan or an error ends them all.
-rank, world_size = 0, 1  # setup() sets these when torchrun starts this process
+# Under torchrun, process 0 alone prints and writes files, and all processes agree at each eval and log step.
+rank, world_size, stops = 0, 1, []  # stops: signals received (2 Ctrl-C, 15 SIGTERM), or 13: output closed
 class UserError(Exception):  # a mistake the user can fix (a setting, a file): one line, exit code 2
     pass
 def agree(value, op=dist.ReduceOp.SUM):  # a number summed (or maxed) over all processes: all act alike
     if world_size > 1:
         dist.all_reduce(value := torch.tensor(float(value), device=device), op)
     return float(value)
-class SafetyNet:  # for train(): checkpoints, log lines and log.csv, signals, the agreement of processes
+def say(*args, err=False, **kwargs):  # print on process 0; a failure to print never fails the run
+    try:
+        if rank == 0 and (stream := sys.stderr if err else sys.stdout):  # None if closed (`>&-`)
+            print(*args, file=stream, flush=True, **kwargs)
+    except BrokenPipeError:  # the reader left (`| head`): stop as after Ctrl-C, and print no more
+        stops.append(13)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    except (OSError, ValueError):  # a full disk, a closed file: the run goes on unheard
+        pass
+def resume_command():
+    return f"python gpt.py --init_from=resume --out_dir={shlex.quote(out_dir)}"
+def write_files(write):  # process 0 writes every file; a failure there ends all processes, in one line
+    try:
+        error = write() if rank == 0 else None
+    except OSError as e:
+        error = 'a file has that name' if os.path.isfile(out_dir) else e.strerror or e
+    if agree(error is not None):  # the checkpoints stay whole, old or new (Run.save)
+        kept = any(os.path.isfile(f'{out_dir}/{name}') for name in ('last.pt', 'ckpt.pt'))
+        raise UserError(f"cannot write to {out_dir}/ ({error})" + (
+            f"; its checkpoints are kept: once that is fixed, resume with {resume_command()}" if kept else ''))
+class Run:  # for train(): log lines and log.csv, checkpoints, and stops
     def __init__(self, model, optimizer, scaler, meta, ckpt):
-        self.model, self.optimizer, self.scaler, self.meta, self.ckpt = model, optimizer, scaler, meta, ckpt
+        self.model, self.optimizer, self.scaler, self.meta = model, optimizer, scaler, meta
         self.start, self.best_val = (ckpt['iter_num'], ckpt['best_val_loss']) if ckpt else (0, math.inf)
-        self.stop, self.t_log, self.it_log, self.log_path = [], time.time(), self.start, f'{out_dir}/log.csv'
-        self.tokens_per_it = batch_size * block_size * gradient_accumulation_steps * world_size
-    def __enter__(self):
-        if rank == 0:  # out_dir's lock: one run at a time; the OS frees it as the process ends, crash or not
+        self.t_log, self.it_log = time.time(), self.start
+        self.tokens = batch_size * block_size * gradient_accumulation_steps * world_size  # per step
+        say(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} in {dtype}, "
+            f"{'its own settings' if ckpt else 'the gpu recipe' if 'cuda' in device else 'defaults'}, "
+            f"{self.tokens:,} tokens per step, {f'resuming at iter {self.start}' if ckpt else 'from scratch'}")
+        if not ckpt:  # a new run starts log.csv (and out_dir); a resumed run appends to it
+            self.append(('iter', 'train_loss', 'val_loss', 'val_bpc', 'lr', 'tokens_per_s'), 'w')
+        stops.clear()  # from here Ctrl-C and SIGTERM ask the run to stop (stop_if_asked); main undoes it
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda sig, _: stops.append(sig))
+    def append(self, row, mode='a'):  # a row of log.csv
+        def write():
             os.makedirs(out_dir, exist_ok=True)
-            self.lock = open(f'{out_dir}/lock', 'w')
-            try:
-                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self.lock.close()
-                raise UserError(f'{out_dir}/ is in use by another run; wait, or use --out_dir=NAME') from None
-            recipe = 'its own settings' if self.ckpt else 'the gpu recipe' if 'cuda' in device else 'defaults'
-            print(f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters on {device} in "
-                  f"{dtype}, {recipe}, {self.tokens_per_it:,} tokens per step, "
-                  f"{f'resuming at iter {self.start}' if self.ckpt else 'from scratch'}")
-        if rank == 0 and not self.ckpt:  # a new run starts log.csv, a resumed run appends to it
-            if os.path.exists(self.log_path):
-                print(f"note: {self.log_path}, left by a run that saved no checkpoint, starts afresh")
-            pathlib.Path(self.log_path).write_text('iter,train_loss,val_loss,val_bpc,lr,tokens_per_s\n')
-        self.handlers = {s: signal.signal(s, lambda sig, _: self.stop.append(sig)) for s in (2, 15)}
-        return self
-    def __exit__(self, *_):
-        for s, handler in self.handlers.items():
-            signal.signal(s, handler)
-        getattr(self, 'lock', io.StringIO()).close()
-    def log(self, it, loss, line, *row):  # a line and a log.csv row; a loss of nan or inf ends the run first,
-        if not math.isfinite(loss):  # before it can overwrite a checkpoint
+            with open(f'{out_dir}/log.csv', mode) as f:
+                f.write(','.join(map(str, row)) + '\n')
+        write_files(write)
+    def log(self, it, loss, line, train='', val='', bpc='', speed=''):  # a line and a log.csv row
+        if not math.isfinite(loss):  # nan or inf ends the run first, before it can overwrite a checkpoint
             sys.exit(1 if rank else f"error: the loss is {loss} at iter {it}: training diverged; lower "
                      f"--learning_rate (now {learning_rate}) or raise --warmup_iters; checkpoints are kept")
-        if rank == 0:
-            print(line)
-            with open(self.log_path, 'a') as f:
-                f.write(','.join(map(str, (it, *row))) + '\n')
-    def evaluate_and_save(self, it):  # every process evaluates: same weights, same windows, same verdict
-        if it == self.start and self.ckpt:
-            return  # evaluated before it was saved
-        with torch.compiler.set_stance('force_eager'):  # compiled for the training shapes only
-            train, val = estimate_loss(self.model, self.meta).values()
-            torch.manual_seed(seed)  # the same seed at every eval: watch the same text improve
-            out = self.model.generate(torch.zeros((1, 1), dtype=torch.long, device=device), 100)[0, 1:]
-        bpc = val * self.meta['val_tokens'] / self.meta['val_chars'] / math.log(2)  # README: bits per char
-        text = load_tokenizer(self.meta['tokenizer']).decode(out.tolist()).strip()
-        self.log(it, val, f"iter {it}: train loss {train:.4f}, val loss {val:.4f}, {bpc:.4f} bits/char\n"
-                 + text,
-                 f'{train:.4f}', f'{val:.4f}', f'{bpc:.4f}', f'{get_lr(it):.4g}', '')
-        improved, self.best_val = val < self.best_val, min(self.best_val, val)
-        self.save(it, ['ckpt.pt', 'last.pt'] if improved else ['last.pt'])  # ckpt.pt: the best val loss
-        self.t_log, self.it_log = time.time(), it  # the eval does not count in the training speed
-    def stop_if_asked(self, it):  # after a signal: save last.pt, exit; under torchrun agreed at log steps
-        if world_size > 1 and it % log_interval == 0 or world_size == 1 and self.stop:
-            if asked := int(agree(self.stop[0] if self.stop else 0, dist.ReduceOp.MAX)):
-                self.save(it, ['last.pt'])
-                if rank == 0:
-                    print(f"stopped by {signal.Signals(asked).name} at iter {it}; saved last.pt. Resume "
-                          f"with: python gpt.py --init_from=resume --out_dir={out_dir}")
-                sys.exit(128 + asked)
+        say(line)
+        self.append((it, train, val, bpc, f'{get_lr(it):.4g}', speed))  # lr: the rate of step it
     def log_step(self, it, loss):
         loss, dt = agree(loss.item()) / world_size, (time.time() - self.t_log) / (it - self.it_log)
         self.log(it, loss, f"iter {it}/{max_iters}: loss {loss:.4f}, {dt * 1000:.0f} ms/iter, "
-                 f"{self.tokens_per_it / dt:,.0f} tok/s, ETA {(max_iters - it) * dt / 60:.1f} min",
-                 f'{loss:.4f}', '', '', f'{get_lr(it - 1):.4g}', round(self.tokens_per_it / dt))
+                 f"{self.tokens / dt:,.0f} tok/s, ETA {(max_iters - it) * dt / 60:.1f} min",
+                 f'{loss:.4f}', speed=round(self.tokens / dt))
         self.t_log, self.it_log = time.time(), it
+    def stop_if_asked(self, it):  # after a signal: save last.pt, exit; under torchrun agreed at log steps
+        if world_size > 1 and it % log_interval == 0 or world_size == 1 and stops:
+            if asked := int(agree(stops[0] if stops else 0, dist.ReduceOp.MAX)):
+                self.save(it, ['last.pt'])  # first: whatever happened to the output, the state is kept
+                why = 'its output closing' if asked == 13 else signal.Signals(asked).name
+                say(f"stopped by {why} at iter {it}; saved last.pt. Resume with: {resume_command()}",
+                    err=13 in stops)  # with stdout gone, on stderr
+                sys.exit(128 + asked)
     def save(self, it, names):  # atomic, ckpt.pt first: after a crash at any moment the run resumes from one
-        error, buffer = None, io.BytesIO()  # serialized in memory first: a full disk then raises an OSError
-        torch.save({'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-                    'scaler': self.scaler.state_dict(), 'best_val_loss': self.best_val, 'iter_num': it,
-                    'tokenizer': self.meta['tokenizer'], 'model_args': self.model.config._asdict(),
-                    'config': {k: globals()[k] for k in DEFAULTS}}, buffer)
-        for path in (f'{out_dir}/{name}' for name in names if rank == 0 and not error):
-            try:
-                with open(path + '.tmp', 'wb') as f:
+        def write():
+            buffer = io.BytesIO()  # serialized in memory first: a full disk then raises an OSError
+            torch.save({'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+                        'scaler': self.scaler.state_dict(), 'best_val_loss': self.best_val, 'iter_num': it,
+                        'tokenizer': self.meta['tokenizer'], 'model_args': self.model.config._asdict(),
+                        'config': {**{k: globals()[k] for k in DEFAULTS}, 'data_dir': os.path.abspath(data_dir)}},
+                       buffer)  # data_dir in full: a resume from another folder finds the same data
+            for path in (f'{out_dir}/{name}' for name in names):
+                with open(path + '.tmp', 'wb', buffering=0) as f:  # unbuffered: fsync then has every byte
                     f.write(buffer.getbuffer())
                     os.fsync(f.fileno())  # on the disk before the rename makes it the checkpoint
-                os.replace(path + '.tmp', path)
-            except OSError as e:  # no .tmp stays behind, and under torchrun the others hear of it
-                error = e
-                with contextlib.suppress(OSError):
-                    os.remove(path + '.tmp')
-        if agree(error is not None):
-            raise error or SystemExit(1)  # process 0 says why
-def load_model(path, device='cpu', keys=()):  # a checkpoint, or an out_dir's ckpt.pt -> (model, tokenizer)
-    path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+                os.replace(path + '.tmp', path)  # the old file or the new one, never half of one
+        write_files(write)
+        self.t_log, self.it_log = time.time(), it  # an eval's time does not count in the training speed
+def load_model(path, device='cpu', keys=()):  # a checkpoint or a run's folder -> (model, tokenizer)
+    if os.path.isdir(path):  # a folder: its best weights (ckpt.pt), else its latest (last.pt)
+        path = next((p for p in (f'{path}/ckpt.pt', f'{path}/last.pt') if os.path.isfile(p)), f'{path}/ckpt.pt')
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}; train a model first: python gpt.py")
-    try:  # read as untrusted, all of it. keys: what resuming needs besides; then the checkpoint comes back
+    try:  # weights_only: tensors and plain values alone, so that loading never runs code
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
         model, tokenizer = GPT(GPTConfig(**ckpt['model_args'])), load_tokenizer(ckpt['tokenizer'])
         model.load_state_dict(ckpt['model'])  # do the weights fit the shape?
         tokenizer.decode(range(tokenizer.vocab_size)), [ckpt[k] for k in keys]  # fail here, not later
-    except Exception as e:  # a pickled object, a truncated file, another kind of file, a hand edit...
-        why = 'pickled Python objects, which could run code on load' if 'Unsupported global' in str(e) else \
-            f"no whole gpt.py checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:80]}...)"
-        raise UserError(f"{path} holds {why}; refusing it, pick another file") from None
-    return ckpt if keys else (model.to(device).eval(), tokenizer)
-def read_data():  # meta.json, once it and the token files are checked: all read back as untrusted
-    if not os.path.isfile(f'{data_dir}/train.bin') and (data_dir != 'data' or world_size > 1):
-        raise UserError(f"--data_dir={data_dir} holds no train.bin; make it: python prepare.py "
-                        f"--data_dir={data_dir}")
-    if not os.path.isfile(f'{data_dir}/train.bin'):
-        print(f"no {data_dir}/train.bin yet: running prepare.py first", flush=True)
+    except Exception as e:  # pickled objects, a truncated file, another kind of file, a hand edit...
+        raise UserError(f"{path} is no whole gpt.py checkpoint ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:80]}...); refusing it, pick another file") from None
+    return ckpt if keys else (model.to(device).eval(), tokenizer)  # keys: what resuming needs besides
+def read_data():  # meta.json, once the token files' sizes are checked against it
+    if not os.path.isfile(f'{data_dir}/train.bin') and data_dir == 'data' and world_size == 1:
+        say(f"no {data_dir}/train.bin yet: running prepare.py first")
         if code := subprocess.run([sys.executable, pathlib.Path(__file__).parent / 'prepare.py']).returncode:
             sys.exit(code)  # prepare.py said why
     try:
         meta = json.loads(pathlib.Path(data_dir, 'meta.json').read_text('utf-8'))
-        splits = ('train', 'val')
-        data = [np.memmap(f'{data_dir}/{s}.bin', dtype=np.uint16, mode='r') for s in splits]
-        fits = [len(d) == meta[s + '_tokens'] and meta[s + '_chars'] > 0 for s, d in zip(splits, data)]
-        fits += [d[i:i + 2 ** 24].max() < meta['vocab_size'] for d in data for i in range(0, len(d), 2 ** 24)]
-        fits += [len(load_tokenizer(meta['tokenizer']).decode(range(meta['vocab_size']))) > 0]  # ids, strings
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
-        fits = [False]
-    if not all(fits):
-        raise UserError(f"--data_dir={data_dir} is incomplete or inconsistent (meta.json missing, unreadable "
-                        "or not matching the token files); run prepare.py again")
-    if len(data[1]) <= block_size:
-        raise UserError(f"--block_size={block_size} needs more than the {len(data[1])} tokens of the val "
-                        f"split; use --block_size={max(1, len(data[1]) - 1)} or less")
+        sizes = {s: os.path.getsize(f'{data_dir}/{s}.bin') // 2 for s in ('train', 'val')}  # uint16: 2 bytes
+        whole = all(sizes[s] == meta[f'{s}_tokens'] and meta[f'{s}_chars'] > 0 for s in sizes)
+    except (OSError, ValueError, KeyError, TypeError):
+        whole = False
+    if not whole:
+        raise UserError(f"{data_dir}/ holds no whole prepare.py output (train.bin, val.bin and a meta.json that "
+                        f"fits them); make it with python prepare.py --data_dir={data_dir}")
+    if (n := min(sizes.values())) <= block_size:
+        raise UserError(f"--block_size={block_size} needs more than the {n} tokens of the "
+                        f"{min(sizes, key=sizes.get)} split; use --block_size={max(1, n - 1)} or less")
     return meta
 def parse_args(argv, defaults, source):  # --key=value overrides, typed as the defaults (true/false for bools)
     if {'-h', '--help'} & set(argv):  # each key with its default and its comment in the source file
         notes = dict(re.findall(r"^(\w+) = .*?  # (.*)$", pathlib.Path(source).read_text('utf-8'), re.M))
-        sys.exit(print('\n'.join(f"--{f'{k}={v!r}':<33} {notes.get(k, '')}" for k, v in defaults.items())))
+        sys.exit(say('\n'.join(f"--{f'{k}={v!r}':<33} {notes.get(k, '')}" for k, v in defaults.items())))
     given = {}
     for arg in argv:
         key, eq, value = arg.removeprefix('--').partition('=')
         if key not in defaults or not arg.startswith('--') or not eq:
-            close = [f'did you mean --{c}?' for c in difflib.get_close_matches(key, defaults, n=1)]
-            raise UserError(f"unknown setting {arg}; {(close or ['see --help'])[0]}")
+            raise UserError(f"unknown setting {arg}; python {os.path.basename(source)} --help lists them")
         kind = type(defaults[key])
         try:
             given[key] = {'true': True, 'false': False}[value.lower()] if kind is bool else kind(value)
@@ -418,19 +419,20 @@ def parse_args(argv, defaults, source):  # --key=value overrides, typed as the d
             raise UserError(f"--{key}={value}: expected {'true or false' if kind is bool else kind.__name__}")
     return given
 def pick_device(name):  # 'auto' -> cuda, else mps, else cpu; a device this machine lacks is an error
-    here = {'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available(), 'cpu': True,
-            **{f'cuda:{i}': True for i in range(torch.cuda.device_count())}}
-    if not here.get(name, name == 'auto'):
+    here = ['cuda', *(f'cuda:{i}' for i in range(torch.cuda.device_count()))] * torch.cuda.is_available() + \
+        ['mps'] * torch.backends.mps.is_available() + ['cpu']
+    if name not in here + ['auto']:
         raise UserError(f"--device={name} is not available on this machine; use --device=cpu (or auto)")
-    return next(d for d in here if here[d]) if name == 'auto' else name
+    return here[0] if name == 'auto' else name
 def setup(overrides):  # settings, device and data, all checked before any work; -> (checkpoint or None, meta)
     global device, dtype, compile, rank, world_size
     globals().update({**DEFAULTS, **overrides})
     found = [p for p in (f'{out_dir}/last.pt', f'{out_dir}/ckpt.pt') if os.path.isfile(p)]  # last.pt first
     keys = ('optimizer', 'scaler', 'iter_num', 'best_val_loss', 'config')  # resuming needs these too
     ckpt = load_model(found[0], keys=keys) if found and init_from == 'resume' else None
+    # A resumed run keeps its settings, dtype included; the device and compile are this machine's
     kept = {k: v for k, v in ckpt['config'].items() if type(v) is type(DEFAULTS.get(k))} if ckpt else {}
-    globals().update({**kept, **{k: DEFAULTS[k] for k in ('out_dir', 'device', 'dtype')}, **overrides})
+    globals().update({**kept, **{k: DEFAULTS[k] for k in ('out_dir', 'device', 'compile')}, **overrides})
     device, local_rank, g, capability = pick_device(device), 0, globals(), (0, 0)
     if 'RANK' in os.environ:  # started by torchrun: a process per device; NCCL joins GPUs, gloo CPUs
         rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
@@ -438,36 +440,33 @@ def setup(overrides):  # settings, device and data, all checked before any work;
         device = f'cuda:{local_rank}' if device == 'cuda' else device
         capability = torch.cuda.get_device_capability(device)  # 8.0 and up (Ampere...): native bfloat16
         g.update({k: v for k, v in GPU_RECIPE.items() if k not in overrides and not ckpt})
-        if compile and capability < (7, 0):
-            print(f"note: torch.compile needs compute capability 7.0 or more, this GPU has {capability}")
-    compile = compile and capability >= (7, 0)  # the CPU stays eager
-    if dtype == 'auto':  # bfloat16 where the GPU has it natively; on most CPUs it is many times slower
+    compile = compile and capability >= (7, 0)  # Triton needs 7.0; the CPU stays eager
+    if dtype == 'auto':  # bfloat16 where the GPU has it natively (else float16); on most CPUs both are slow
         dtype = ('bfloat16' if capability >= (8, 0) else 'float16') if cuda else 'float32'
-    need = 16 * (12 * n_layer * n_embd ** 2 + 65536 * n_embd) + 4 * batch_size * block_size * n_layer * (
-        34 * n_embd + 5 * n_head * block_size)  # about: weights, gradients, AdamW's moments, activations
-    have = torch.cuda.mem_get_info(device)[1] if cuda else \
-        os.sysconf('SC_PAGESIZE') * os.sysconf('SC_PHYS_PAGES')  # bytes of memory on the device
     rules = [(0 < g[k] < math.inf, f'--{k}={g[k]} must be positive') for k in ('eval_interval', 'eval_iters',
              'log_interval', 'batch_size', 'gradient_accumulation_steps', 'block_size', 'n_head', 'n_embd',
              'max_iters', 'lr_decay_iters', 'learning_rate')]  # written so that nan fails too
-    rules += [(0 <= g[k] < 2 ** 63, f'--{k}={g[k]} must be zero or more')
-              for k in ('n_layer', 'warmup_iters', 'min_lr', 'weight_decay', 'grad_clip', 'seed')]
+    rules += [(0 <= g[k] < 2 ** 63, f'--{k}={g[k]} must be zero or more, and finite')
+              for k in ('n_layer', 'warmup_iters', 'min_lr', 'weight_decay', 'seed')]
     rules += [(0 <= g[k] < 1, f'--{k}={g[k]} must be in [0, 1)') for k in ('dropout', 'beta1', 'beta2')]
     rules += [(kept.get(k, g[k]) == g[k], f"--{k}={g[k]}, but a resumed run keeps its {kept.get(k)}")
               for k in ('block_size', 'n_layer', 'n_head', 'n_embd', 'weight_decay', 'beta1', 'beta2')]
     rules += [(n_head < 1 or n_embd % n_head == 0, f'--n_embd={n_embd} must be a multiple of --n_head'),
+              (grad_clip >= 0, f'--grad_clip={grad_clip} must be zero (no clipping) or more'),
+              (warmup_iters <= lr_decay_iters, f'--lr_decay_iters={lr_decay_iters} must be at least --warmup_iters='
+               f'{warmup_iters}: the decay follows the warmup'),
+              (min_lr <= learning_rate, f'--min_lr={min_lr} must be at most --learning_rate={learning_rate}'),
               (init_from in ('scratch', 'resume'), f'--init_from={init_from} must be scratch or resume'),
               (dtype in ('float32', 'bfloat16', 'float16'), f'--dtype={dtype} must be auto, float32, bfloat16'
                ' or float16'),
-              (dtype != 'float16' or cuda, '--dtype=float16 needs a CUDA GPU; use --dtype=float32 or auto'),
+              (dtype != 'float16' or cuda, "float16 (--dtype, or a resumed run's) needs a CUDA GPU; use "
+               '--dtype=float32 or auto'),
+              (out_dir != '', '--out_dir is empty; name a folder'),
               (init_from == 'resume' or not found, f'{out_dir}/ already holds a checkpoint; continue it with '
                '--init_from=resume, or train into a new folder with --out_dir=NAME'),
               (init_from == 'scratch' or found, f'{out_dir}/ holds no checkpoint; use --init_from=scratch'),
-              (not ckpt or ckpt['iter_num'] < max_iters, f'{out_dir}/ has finished its {max_iters} steps; to '
-               'train longer, resume with larger --max_iters and --lr_decay_iters'),
-              (need < have, f'--batch_size={batch_size} x --block_size={block_size} at this model size needs '
-               f'about {need / 2 ** 30:,.0f} GiB, more than {device} has ({have / 2 ** 30:,.0f} GiB); '
-               'lower them')]
+              (not ckpt or ckpt['iter_num'] < max_iters, f"{out_dir}/ is at iter {ckpt and ckpt['iter_num']} "
+               f"of --max_iters={max_iters}; to train longer, resume with larger --max_iters and --lr_decay_iters")]
     if broken := [message for ok, message in rules if not ok]:
         raise UserError(broken[0])
     if (meta := read_data()) and ckpt and ckpt['tokenizer'] != meta['tokenizer']:
@@ -484,23 +483,26 @@ def main(argv):
         train(*setup(overrides))
         if dist.is_initialized():  # leave together: a process that tears down early breaks the others' links
             dist.barrier()
-    except OSError as e:  # a full disk, a folder turned read-only...: the checkpoints are whole, old or new
-        raise UserError(f"cannot write to {out_dir}/ ({e.strerror or e}); its checkpoints are kept; once it "
-                        f"is fixed, resume: python gpt.py --init_from=resume --out_dir={out_dir}") from None
     finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C and SIGTERM end a script again
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if dist.is_initialized():  # DDP sits in a reference cycle: collect it first, or its group is torn
             gc.collect()  # down at exit while the others are still connected, and the process aborts
             dist.destroy_process_group()
-def run_cli(main, argv=None):  # a UserError or Ctrl-C ends a script with one line on stderr, no traceback
-    try:
+def run_cli(main, argv=None, lower='--batch_size or --block_size, or the model (--n_layer, --n_embd)'):
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character shows '?' instead
+        if hasattr(stream, 'reconfigure'):
+            stream.reconfigure(errors='replace')
+    try:  # a mistake to fix, Ctrl-C or too little memory end a script with one line on stderr, no traceback
         main(sys.argv[1:] if argv is None else argv)
-        sys.stdout.flush()
     except (UserError, KeyboardInterrupt) as e:  # under torchrun, process 0 speaks for all
-        print(f"error: {str(e) or 'stopped by Ctrl-C'}", file=sys.stderr if rank == 0 else io.StringIO())
+        say(f"error: {str(e) or 'stopped by Ctrl-C'}", err=True)
         sys.exit(2 if isinstance(e, UserError) else 130)
-    except BrokenPipeError:  # `python sample.py | head`: the reader left; so do we, quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush either
-        sys.exit(141)  # 128 + SIGPIPE, as a shell reports it
+    except (MemoryError, RuntimeError) as e:  # torch says "can't allocate" (CPU) or "out of memory" (GPUs)
+        if isinstance(e, RuntimeError) and 'allocate' not in str(e):
+            raise
+        say(f"error: out of memory; lower {lower}", err=True)
+        sys.exit(2)
 
 if __name__ == '__main__':
     run_cli(main)

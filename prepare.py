@@ -9,14 +9,11 @@ ids to data_dir/train.bin and data_dir/val.bin as uint16, and data_dir/meta.json
 token and character counts. Characters are read in chunks, so memory stays small whatever the size of the
 file; BPE learns its merges on the whole train split, in memory (about 150 MB per MB of text).
 """
-import os, signal, sys  # noqa: E401
-if __name__ == '__main__':  # before the slow imports (torch, through gpt): Ctrl-C while they load ends in one line
-    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write('error: stopped by Ctrl-C\n'), os._exit(130)))
-import array, collections, heapq, json, urllib.request  # noqa: E401, E402
+import array, collections, heapq, json, os, urllib.request  # noqa: E401
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from gpt import BPETokenizer, CharTokenizer, UserError, parse_args, run_cli  # noqa: E402
+from gpt import BPETokenizer, CharTokenizer, UserError, parse_args, run_cli, say
 
 input = 'input.txt'  # the UTF-8 text to train on; Tiny Shakespeare is downloaded if the default is missing
 data_dir = 'data'  # the folder train.bin, val.bin and meta.json are written to (made if missing)
@@ -29,13 +26,14 @@ CHUNK = 1 << 22  # characters read at a time: memory stays bounded whatever the 
 
 
 def download_shakespeare(path):
-    print(f"{path} not found: downloading Tiny Shakespeare from {SHAKESPEARE_URL}")
+    say(f"{path} not found: downloading Tiny Shakespeare from {SHAKESPEARE_URL}")
     try:
         with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
             data = response.read()
     except OSError as e:
         raise UserError(f"{path} is missing and the download failed ({getattr(e, 'reason', e)}); save "
-                        f"{SHAKESPEARE_URL} as {path} by hand, or pass --input=YOUR_TEXT.txt") from None
+                        f"{SHAKESPEARE_URL} as {path} by hand, or prepare a text of your own: "
+                        "python prepare.py --input=YOUR_TEXT.txt") from None
     try:
         with open(path + '.tmp', 'wb') as f:
             f.write(data)
@@ -43,7 +41,8 @@ def download_shakespeare(path):
     except OSError as e:  # a full disk, a read-only folder
         if os.path.exists(path + '.tmp'):
             os.remove(path + '.tmp')
-        raise UserError(f"cannot write {path} ({e.strerror}); free some space, or pass --input=YOUR_TEXT.txt") from None
+        raise UserError(f"cannot write {path} ({e.strerror}); free some space, or prepare a text of your own: "
+                        "python prepare.py --input=YOUR_TEXT.txt") from None
 
 
 def read_chunks(path, progress=''):
@@ -55,9 +54,9 @@ def read_chunks(path, progress=''):
             yield chunk
             done += len(chunk)
             if progress and done > CHUNK:
-                print(f"\r{progress}: {done:,} characters", end='', flush=True)
+                say(f"\r{progress}: {done:,} characters", end='')
     if progress and done > CHUNK:
-        print()
+        say()
 
 
 def train_bpe(ids, vocab_size):
@@ -107,17 +106,19 @@ def train_bpe(ids, vocab_size):
                 heapq.heappush(heap, (-counts[p], p))
         merges.append(pair)
         if len(merges) % 64 == 0 or len(merges) == vocab_size - 256:  # a progress line, redrawn in place
-            print(f"\rlearning merges: {len(merges):,} of {vocab_size - 256:,}, the train text is down to "
-                  f"{n_tokens:,} tokens", end='', flush=True)
-    print()
+            say(f"\rlearning merges: {len(merges):,} of {vocab_size - 256:,}, the train text is down to "
+                f"{n_tokens:,} tokens", end='')
+    say()
     ids = np.array(ids)
     return merges, ids[ids >= 0]
 
 
 def prepare(input_path, data_dir, tokenizer='char', vocab_size=1024):
     """Write train.bin, val.bin and meta.json for the text in input_path; returns the meta dict."""
-    if not os.path.isfile(input_path):
-        raise UserError(f"--input={input_path} does not exist; pass the path of a UTF-8 text file")
+    if not os.path.isfile(input_path):  # a folder or a pipe cannot be read twice, as the two passes do
+        what = 'does not exist' if not os.path.exists(input_path) else 'is a folder' if os.path.isdir(input_path) \
+            else 'is not a regular file (a pipe?)'
+        raise UserError(f"--input={input_path} {what}; pass the path of a UTF-8 text file")
     if tokenizer == 'bpe' and not 256 < vocab_size <= 8192:
         raise UserError(f"--vocab_size={vocab_size} must be between 257 and 8192 for bpe (256 bytes + merges)")
     chars, n = set(), 0
@@ -177,7 +178,7 @@ def prepare(input_path, data_dir, tokenizer='char', vocab_size=1024):
         for path in paths.values():
             if os.path.exists(path + '.tmp'):
                 os.remove(path + '.tmp')
-    print(f"{input_path}: {n:,} characters, {tokenizer} vocabulary of {tok.vocab_size}; wrote {sizes['train']:,} "
+    say(f"{input_path}: {n:,} characters, {tokenizer} vocabulary of {tok.vocab_size}; wrote {sizes['train']:,} "
           f"train and {sizes['val']:,} val tokens to {data_dir}/")
     return meta
 
@@ -185,7 +186,7 @@ def prepare(input_path, data_dir, tokenizer='char', vocab_size=1024):
 def main(argv):
     defaults = {'input': input, 'data_dir': data_dir, 'tokenizer': tokenizer, 'vocab_size': vocab_size}
     if {'-h', '--help'} & set(argv):
-        print(__doc__.strip() + '\n')
+        say(__doc__.strip() + '\n')
     config = {**defaults, **parse_args(argv, defaults, __file__)}
     if config['tokenizer'] not in ('char', 'bpe'):
         raise UserError(f"--tokenizer={config['tokenizer']} must be char or bpe")
@@ -195,5 +196,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: a Ctrl-C now removes the .tmp files
     run_cli(main)

@@ -9,15 +9,14 @@ Read top to bottom: the context window and its KV cache (each new token runs thr
 CUDA as a replayed graph) -> decoding (sampling, beam search) -> command line. Sampling goes: repetition
 penalty -> temperature -> top-k -> top-p (nucleus) -> draw.
 """
-import os, signal, sys  # noqa: E401
-if __name__ == '__main__':  # before the slow imports: Ctrl-C while torch loads ends in one line, exit 130
-    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write('error: stopped by Ctrl-C\n'), os._exit(130)))
-import math  # noqa: E402
+import math
+import os
+import sys
 
-import torch  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
+import torch
+from torch.nn import functional as F
 
-from gpt import UserError, load_model, parse_args, pick_device, run_cli  # noqa: E402
+from gpt import UserError, load_model, parse_args, pick_device, run_cli
 
 out_dir = 'out'  # the training run to sample from; its ckpt.pt holds the weights with the best val loss
 start = '\n'  # the text every sample continues; FILE:path reads it from a file
@@ -33,6 +32,7 @@ length_penalty = 1.0  # beam search ranks finished beams by log-probability / le
 seed = 1337  # the same seed gives the same text
 device = 'auto'  # 'auto' picks cuda, then mps, then cpu
 
+LOWER = '--num_samples (or --beams) or --max_new_tokens'  # what to lower when memory runs out
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
 
 # -----------------------------------------------------------------------------
@@ -227,7 +227,8 @@ def check(cfg, given):
              ('beams', cfg['beams'] >= 1, 'must be 1 or more'),
              ('max_new_tokens', cfg['max_new_tokens'] >= 0, 'must be 0 or more'),
              ('num_samples', cfg['num_samples'] >= 1, 'must be 1 or more'),
-             ('seed', 0 <= cfg['seed'] < 2 ** 63, 'must be 0 or more and below 2**63')]
+             ('seed', 0 <= cfg['seed'] < 2 ** 63, 'must be 0 or more and below 2**63'),
+             ('length_penalty', math.isfinite(cfg['length_penalty']), 'must be a finite number')]
     for key, ok, why in rules:
         if not ok:
             raise UserError(f"--{key}={cfg[key]} {why}")
@@ -236,18 +237,18 @@ def check(cfg, given):
         raise UserError(f"--beams={cfg['beams']} is deterministic beam search; drop --{clash[0]} (a sampling option), "
                         "or use --beams=1 to sample")
 
-def check_memory(cfg, config, prompt_len, device):
-    """One line, before anything is allocated, if the batch cannot fit in the device's memory: its KV cache
-    and a step's logits (float32), and its texts (int64 token ids), kept whole to the end."""
-    batch, key = (cfg['beams'], 'beams') if cfg['beams'] > 1 else (cfg['num_samples'], 'num_samples')
-    need = batch * (4 * (2 * config.n_layer * config.block_size * config.n_embd + config.vocab_size)
-                    + 8 * (prompt_len + cfg['max_new_tokens']))
-    have = torch.cuda.mem_get_info(device)[1] if device.startswith('cuda') else \
-        os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    if need > have:
-        raise UserError(f"--{key}={batch} with --max_new_tokens={cfg['max_new_tokens']} needs about "
-                        f"{need / 2 ** 30:,.1f} GiB of memory, more than the {have / 2 ** 30:,.1f} GiB of {device}; "
-                        f"lower --{key} or --max_new_tokens")
+def write(text):
+    """Print text as it comes. `| head` leaving early ends the run quietly, as a shell expects; any other
+    failure to write (a full disk, a closed stdout) ends it in one line."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush either
+        sys.exit(141)  # 128 + SIGPIPE, as a shell reports it
+    except (OSError, ValueError, AttributeError) as e:  # AttributeError: no stdout at all (`>&-`)
+        raise UserError(f"cannot write the samples to standard output ({getattr(e, 'strerror', None) or e})") \
+            from None
 
 def main(argv):
     given = parse_args(argv, DEFAULTS, __file__)
@@ -256,8 +257,8 @@ def main(argv):
     dev = pick_device(cfg['device'])
     text = cfg['start']
     if text.startswith('FILE:'):
-        try:
-            with open(text[5:], encoding='utf-8') as f:
+        try:  # newline='': the text as it is, \r\n too, as prepare.py reads training text
+            with open(text[5:], encoding='utf-8', newline='') as f:
                 text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"--start={text} cannot be read ({getattr(e, 'strerror', None) or e}); "
@@ -265,8 +266,9 @@ def main(argv):
     if not text:
         raise UserError("--start is empty; give at least one character to continue, e.g. --start=$'\\n' in bash")
     model, tokenizer = load_model(cfg['out_dir'], dev)
+    if text == DEFAULTS['start'] and text not in tokenizer.decode(range(tokenizer.vocab_size)):
+        raise UserError("this model's vocabulary has no newline, the default start text; give one with --start=TEXT")
     prompt = tokenizer.encode(text)
-    check_memory(cfg, model.config, len(prompt), dev)
     idx = torch.tensor([prompt], dtype=torch.long, device=dev)
     stop = cfg['stop']
     stopped = stop_check(tokenizer, stop, idx.shape[1]) if stop else None
@@ -278,7 +280,7 @@ def main(argv):
 
     if cfg['beams'] > 1:
         out = beam_search(model, idx, cfg['max_new_tokens'], cfg['beams'], cfg['length_penalty'], stopped)
-        print(until_stop(out[0].tolist()))
+        write(until_stop(out[0].tolist()) + '\n')
         return
     generator = torch.Generator(device=dev).manual_seed(cfg['seed'])
     stream = cfg['num_samples'] == 1
@@ -292,16 +294,15 @@ def main(argv):
         seen = tail + piece  # a stop text may begin in characters already printed
         if stop and stop in seen:
             piece = seen[:seen.find(stop) + len(stop)][len(tail):]
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+        write(piece)
         shown, printed, tail = idx.shape[1], printed + len(piece), seen[max(0, len(seen) - len(stop) + 1):]
 
     if stream:
-        sys.stdout.write(text)
+        write(text)
     out = sample(model, idx.repeat(cfg['num_samples'], 1), cfg['max_new_tokens'], cfg['temperature'],
                  cfg['top_k'], cfg['top_p'], cfg['repetition_penalty'], stopped, generator, show if stream else None)
     for i, row in enumerate(out.tolist()):
-        print(until_stop(row)[printed:] if stream else f"{'-' * 20} sample {i + 1}\n{until_stop(row)}")
+        write((until_stop(row)[printed:] if stream else f"{'-' * 20} sample {i + 1}\n{until_stop(row)}") + '\n')
 
 if __name__ == '__main__':
-    run_cli(main)
+    run_cli(main, lower=LOWER)
