@@ -1,5 +1,5 @@
 """The reference GPT, a transformer trained from scratch on any text. Read top to bottom: the lesson first."""
-import collections, gc, io, json, math, os, pathlib, re, shlex, signal, subprocess, sys, time  # noqa: E401
+import collections, contextlib, gc, io, json, math, os, pathlib, re, shlex, signal, subprocess, sys, time  # noqa: E401
 import numpy as np
 import torch
 from torch import distributed as dist, nn
@@ -300,18 +300,18 @@ def say(*args, err=False, **kwargs):  # print on process 0; a failure to print n
     try:
         if rank == 0 and (stream := sys.stderr if err else sys.stdout):  # None if closed (`>&-`)
             print(*args, file=stream, flush=True, **kwargs)
-    except BrokenPipeError:  # the reader left (`| head`): stop as after Ctrl-C, and print no more
-        stops.append(13)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-    except (OSError, ValueError):  # a full disk, a closed file: the run goes on unheard
-        pass
+    except (OSError, ValueError) as e:  # a reader that left (`| head`) stops the run as Ctrl-C would;
+        stops.extend([13] if isinstance(e, BrokenPipeError) else [])  # a full disk or a closed file do not
+        with contextlib.suppress(OSError, ValueError):  # unheard from here on, exit's flush included
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 def resume_command():
     return f"python gpt.py --init_from=resume --out_dir={shlex.quote(out_dir)}"
 def write_files(write):  # process 0 writes every file; a failure there ends all processes, in one line
     try:
         error = write() if rank == 0 else None
     except OSError as e:
-        error = 'a file has that name' if os.path.isfile(out_dir) else e.strerror or e
+        error = 'a file or a link has that name' if os.path.lexists(out_dir) and not os.path.isdir(out_dir) \
+            else e.strerror or e
     if agree(error is not None):  # the checkpoints stay whole, old or new (Run.save)
         kept = any(os.path.isfile(f'{out_dir}/{name}') for name in ('last.pt', 'ckpt.pt'))
         raise UserError(f"cannot write to {out_dir}/ ({error})" + (

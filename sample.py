@@ -243,12 +243,13 @@ def write(text):
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush either
-        sys.exit(141)  # 128 + SIGPIPE, as a shell reports it
     except (OSError, ValueError, AttributeError) as e:  # AttributeError: no stdout at all (`>&-`)
-        raise UserError(f"cannot write the samples to standard output ({getattr(e, 'strerror', None) or e})") \
-            from None
+        if sys.stdout:  # what its buffer still holds goes nowhere: exit's flush cannot fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if isinstance(e, BrokenPipeError):
+            sys.exit(141)  # 128 + SIGPIPE, as a shell reports it
+        why = 'it is closed' if sys.stdout is None else getattr(e, 'strerror', None) or e
+        raise UserError(f"cannot write the samples to standard output ({why})") from None
 
 def main(argv):
     given = parse_args(argv, DEFAULTS, __file__)

@@ -160,6 +160,8 @@ class SuiteWithLaunchesAhead(unittest.TestSuite):
             'TestReliability.test_a_kill_during_the_first_checkpoint_write_leaves_a_folder_a_new_run_starts_in':
                 [(killed_during_the_first_checkpoint_write,)]})
         in_background = of_selected({  # started in this order
+            'TestCrossPlatformAndMemory.test_the_scripts_import_and_run_without_posix_only_modules_as_on_windows':
+                [(without_posix_only_modules,)],
             'TestCheckpointAndConfig.test_end_to_end_a_fresh_folder_prepares_its_data_trains_and_samples':
                 [(gpt_py_in_a_fresh_folder,)],
             'TestTorchrunAgreement.test_a_nan_on_one_process_or_a_full_disk_on_another_ends_every_process_with_'
@@ -814,8 +816,25 @@ class TestReliability(DataDirTest):
             os.makedirs(f'{d}/{name}')
             torch.save({k: v for k, v in torch.load(f'{d}/run/last.pt', weights_only=True).items() if k != drop},
                        f'{d}/{name}/last.pt')
+        pathlib.Path(f'{d}/tiny_train.txt').write_text('ab' * 900 + ''.join(chr(65 + i % 26) for i in range(200)))
+        quiet(prepare.prepare, f'{d}/tiny_train.txt', f'{d}/tiny_train', 'bpe', 300)  # BPE: 'abab...' to a token
+        os.symlink(f'{d}/nowhere', f'{d}/dangling')
+        os.makedirs(f'{d}/a_folder')
+        os.mkfifo(f'{d}/a_pipe')
+        quiet(gpt.main, self.train_args(out='no_newline', data_dir=f'{d}/other_data', max_iters=2, lr_decay_iters=2))
         train = self.train_args(out='new')
         cases = [  # (script, arguments, words the one-line error must contain)
+            ('gpt.py', train + [f'--data_dir={d}/tiny_train'], 'needs more than the 4 tokens of the train split; use --block_size=3'),
+            ('gpt.py', train + [f'--out_dir={self.input}'], '(a file or a link has that name)'),
+            ('gpt.py', train + [f'--out_dir={d}/dangling'], '(a file or a link has that name)'),
+            ('gpt.py', train + ['--out_dir='], '--out_dir is empty; name a folder'),
+            ('gpt.py', train + ['--warmup_iters=20'], '--lr_decay_iters=12 must be at least --warmup_iters=20'),
+            ('gpt.py', train + ['--min_lr=1'], '--min_lr=1.0 must be at most --learning_rate=0.004'),
+            ('gpt.py', train + ['--grad_clip=nan'], '--grad_clip=nan must be zero (no clipping) or more'),
+            ('gpt.py', train + ['--weight_decay=inf'], '--weight_decay=inf must be zero or more, and finite'),
+            ('prepare.py', [f'--input={d}/a_folder', f'--data_dir={d}/x'], 'is a folder; pass the path of a UTF-8'),
+            ('prepare.py', [f'--input={d}/a_pipe', f'--data_dir={d}/x'], 'is not a regular file (a pipe?)'),
+            ('sample.py', [f'--out_dir={d}/no_newline'], "vocabulary has no newline, the default start text; give"),
             ('gpt.py', train + [f'--data_dir={d}/short_val'], 'holds no whole prepare.py output'),
             ('gpt.py', train + ['--init_from=resume', f'--out_dir={d}/no_config'], "KeyError: 'config'"),
             ('gpt.py', train + ['--init_from=resume', f'--out_dir={d}/no_optimizer'], "KeyError: 'optimizer'"),
@@ -1953,6 +1972,235 @@ class TestWhatTheWeakTestsNowAssert(DataDirTest):
         out = output_of(sample.main, [f'--out_dir={out_dir}', '--start=Sing', '--num_samples=1',
                                       '--max_new_tokens=5', '--device=cpu'])
         self.assertEqual(out, expected_samples(out_dir, 'Sing', 1, 5)[0] + '\n')
+
+
+_WINDOWS_DRIVER = """import os, sys
+import numpy, torch  # imported first: on Windows they need no fcntl either
+sys.modules['fcntl'] = sys.modules['resource'] = None  # `import fcntl` now fails, as on Windows
+del os.sysconf
+print('blocked: fcntl resource sysconf')
+sys.path.insert(0, {here!r})
+import gpt, prepare, sample, bench  # noqa: E401
+folder = sys.argv[1]
+prepare.prepare(os.path.join(folder, 'input.txt'), os.path.join(folder, 'win-data'))
+gpt.main(['--data_dir=' + os.path.join(folder, 'win-data'), '--out_dir=' + os.path.join(folder, 'win'), '--device=cpu',
+          '--n_layer=1', '--n_head=2', '--n_embd=16', '--block_size=16', '--batch_size=4', '--max_iters=2',
+          '--lr_decay_iters=2', '--warmup_iters=1', '--eval_iters=1', '--log_interval=1'])
+sample.main(['--out_dir=' + os.path.join(folder, 'win'), '--device=cpu', '--start=Sing', '--max_new_tokens=5'])
+bench.main(['plot', '--out_dir=' + os.path.join(folder, 'win')])
+"""
+
+
+def without_posix_only_modules(folder):
+    """The four scripts imported and a tiny prepare -> train -> sample -> plot run in a process where fcntl and
+    resource cannot be imported and os.sysconf is gone, as on Windows."""
+    driver = os.path.join(folder, 'windows_driver.py')
+    pathlib.Path(driver).write_text(_WINDOWS_DRIVER.format(here=HERE))
+    return completed([sys.executable, driver, folder], cwd=folder)
+
+
+def stdout_over_a_pipe(unbuffered):
+    """(the read end of a new pipe, a text stdout writing into it) as Python sets up sys.stdout for a pipe:
+    block-buffered, or written through with PYTHONUNBUFFERED set."""
+    read_fd, write_fd = os.pipe()
+    raw = io.FileIO(write_fd, 'w')
+    stream = io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw), encoding='utf-8',
+                              write_through=unbuffered)
+    return read_fd, stream
+
+
+class TestWhatAFailureToPrintDoes(DataDirTest):
+    """A failure to print is never a failure of the run: a reader that leaves stops it cleanly, as `| head`
+    intends, with its checkpoint saved first; a full or closed stdout is ignored; a terminal that cannot
+    encode a character shows a replacement instead."""
+
+    def run_with_stdout(self, stream, script, args, **kwargs):
+        """run_cli(script's main, args) with sys.stdout = stream (and stderr captured): (exit code, stderr)."""
+        err = io.StringIO()
+        main = {'gpt.py': gpt.main, 'prepare.py': prepare.main, 'sample.py': sample.main}[script]
+        with mock.patch.object(sys, 'stdout', stream), contextlib.redirect_stderr(err):
+            try:
+                gpt.run_cli(main, args, **kwargs)
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+        return code, err.getvalue()
+
+    def test_gpt_py_piped_into_a_reader_that_leaves_early_stops_there_and_saves_last_pt(self):
+        for unbuffered in (True, False):  # PYTHONUNBUFFERED set, and unset (as on most machines)
+            with self.subTest(unbuffered=unbuffered):
+                read_fd, stream = stdout_over_a_pipe(unbuffered)
+                first = []
+
+                def head_1():  # `| head -1`: one line, then the reader leaves
+                    with open(read_fd, 'rb') as reader:
+                        first.append(reader.readline())
+                out = os.path.join(self.dir, f'head{unbuffered}')
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    pool.submit(head_1)
+                    code, err = self.run_with_stdout(stream, 'gpt.py', self.train_args(
+                        out=out, max_iters=100000, lr_decay_iters=100000, log_interval=1, eval_interval=100000))
+                with contextlib.suppress(OSError):
+                    stream.close()
+                self.assertEqual(code, 141, err)  # 128 + SIGPIPE, as a shell reports it
+                self.assertTrue(first[0].startswith(b'0.'), first)  # the first line: the parameter count
+                it = torch.load(f'{out}/last.pt', weights_only=True)['iter_num']
+                self.assertLess(it, 1000)  # stopped at once, not at the end
+                self.assertEqual(err, f"stopped by its output closing at iter {it}; saved last.pt. Resume with: "
+                                      f"python gpt.py --init_from=resume --out_dir={out}\n")
+                code, _, err = cli('gpt.py', self.train_args(out=out, max_iters=it + 2) + ['--init_from=resume'])
+                self.assertEqual((code, err), (0, ''))
+
+    def test_ctrl_c_under_tee_saves_last_pt_before_anything_is_printed(self):
+        """`python gpt.py | tee log`, then Ctrl-C: the signal reaches both, tee dies, and the next print fails."""
+        for unbuffered in (True, False):
+            with self.subTest(unbuffered=unbuffered):
+                read_fd, stream = stdout_over_a_pipe(unbuffered)
+                real_step = gpt.train_step
+
+                def step(model, optimizer, scaler, it):
+                    if it == 3:
+                        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the terminal...
+                        os.close(read_fd)  # ...and tee dies with it
+                    return real_step(model, optimizer, scaler, it)
+                out = os.path.join(self.dir, f'tee{unbuffered}')
+                with mock.patch.object(gpt, 'train_step', step):
+                    code, err = self.run_with_stdout(stream, 'gpt.py', self.train_args(
+                        out=out, max_iters=100, lr_decay_iters=100, log_interval=1))
+                with contextlib.suppress(OSError):
+                    stream.close()
+                self.assertEqual(code, 130, err)
+                self.assertEqual(torch.load(f'{out}/last.pt', weights_only=True)['iter_num'], 4)
+                self.assertEqual(err, f"stopped by SIGINT at iter 4; saved last.pt. Resume with: python gpt.py "
+                                      f"--init_from=resume --out_dir={out}\n")  # stdout is gone: on stderr
+                self.assertEqual(max(int(r['iter']) for r in csv_rows(f'{out}/log.csv')), 4)
+
+    @unittest.skipUnless(os.path.exists('/dev/full'), 'needs /dev/full, a device that is always full')
+    def test_a_full_or_closed_stdout_fails_neither_training_nor_preparing(self):
+        def full():  # block-buffered, as a stdout into a file
+            stream = open('/dev/full', 'w', encoding='utf-8')
+            self.addCleanup(stream.close)
+            return stream
+        for name, stdout in (('full', full), ('closed', lambda: None)):
+            with self.subTest(stdout=name):
+                out = os.path.join(self.dir, name)
+                code, err = self.run_with_stdout(stdout(), 'gpt.py', self.train_args(out=out))
+                self.assertEqual((code, err), (0, ''))
+                self.assertEqual(torch.load(f'{out}/last.pt', weights_only=True)['iter_num'], 12)
+                code, err = self.run_with_stdout(stdout(), 'prepare.py', [f'--input={self.input}',
+                                                                         f'--data_dir={out}-data'])
+                self.assertEqual((code, err), (0, ''))
+                self.assertEqual(snapshot(f'{out}-data').keys(), {pathlib.Path(f'{out}-data', n) for n in
+                                                                  ('train.bin', 'val.bin', 'meta.json')})
+                code, err = self.run_with_stdout(stdout(), 'sample.py', [f'--out_dir={out}', '--device=cpu',
+                                                                        '--start=Sing', '--max_new_tokens=5'],
+                                                 lower=sample.LOWER)
+                self.assertEqual(code, 2)  # the samples are what sample.py makes: it says they were lost
+                self.assertRegex(err, r'^error: cannot write the samples to standard output \(.+\)\n$')
+
+    def test_a_terminal_that_cannot_encode_the_text_shows_a_replacement_character(self):
+        """PYTHONIOENCODING=ascii (or a C locale) while a BPE model prints characters beyond ASCII."""
+        data = os.path.join(self.dir, 'bpe')
+        pathlib.Path(self.input).write_text(TEXT.replace('the', 'thé'), encoding='utf-8')
+        quiet(prepare.prepare, self.input, data, 'bpe', 300)
+        ascii_out = io.BytesIO()
+        stream = io.TextIOWrapper(ascii_out, encoding='ascii', errors='strict', write_through=True)
+        code, err = self.run_with_stdout(stream, 'gpt.py', self.train_args(data_dir=data, max_iters=2,
+                                                                          lr_decay_iters=2))
+        self.assertEqual((code, err), (0, ''))
+        code, err = self.run_with_stdout(stream, 'sample.py', [f'--out_dir={self.dir}/out', '--start=Sing thé',
+                                                                '--device=cpu', '--max_new_tokens=5'],
+                                         lower=sample.LOWER)
+        self.assertEqual((code, err), (0, ''))
+        printed = ascii_out.getvalue().decode('ascii')
+        self.assertIn('iter 2: train loss', printed)
+        self.assertIn('Sing th?', printed)  # the prompt, streamed back: é is not ASCII
+
+
+class TestWhatAResumeKeeps(DataDirTest):
+    """A resumed run keeps what it was trained with, wherever it is started from."""
+
+    def test_a_resumed_run_keeps_its_dtype_and_the_machine_decides_device_and_compile(self):
+        code, out, err = cli('gpt.py', self.train_args(max_iters=2, lr_decay_iters=2, dtype='bfloat16'))
+        self.assertEqual(code, 0, err)
+        code, out, err = cli('gpt.py', self.train_args(max_iters=4, lr_decay_iters=4) + ['--init_from=resume'])
+        self.assertEqual(code, 0, err)
+        self.assertIn('on cpu in bfloat16, its own settings', out)  # the checkpoint's dtype, not auto's float32
+        last = torch.load(f'{self.dir}/out/last.pt', weights_only=True)
+        self.assertEqual((last['config']['dtype'], last['config']['compile']), ('bfloat16', False))
+        torch.save({**last, 'config': {**last['config'], 'dtype': 'float16'}}, f'{self.dir}/out/last.pt')
+        code, _, err = cli('gpt.py', self.train_args(max_iters=6, lr_decay_iters=6) + ['--init_from=resume'])
+        self.assertEqual((code, err), (2, "error: float16 (--dtype, or a resumed run's) needs a CUDA GPU; use "
+                                          "--dtype=float32 or auto\n"))  # a run from a GPU, resumed here
+        code, out, err = cli('gpt.py', self.train_args(max_iters=6, lr_decay_iters=6, dtype='auto') +
+                             ['--init_from=resume'])
+        self.assertEqual(code, 0, err)
+        self.assertIn('on cpu in float32, its own settings', out)
+
+    def test_a_resume_from_another_folder_finds_the_runs_data_and_its_hint_quotes_the_folder(self):
+        cwd = os.getcwd()
+        os.chdir(self.dir)
+        self.addCleanup(os.chdir, cwd)
+        args = [a for a in self.train_args(max_iters=100, lr_decay_iters=100) if not a.startswith('--out_dir')]
+        real_step = gpt.train_step
+
+        def stop_at_3(model, optimizer, scaler, it):
+            if it == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_step(model, optimizer, scaler, it)
+        with mock.patch.object(gpt, 'train_step', stop_at_3):
+            code, out, err = cli('gpt.py', [*args, '--data_dir=data', '--out_dir=my run'])  # relative, a space
+        self.assertEqual(code, 128 + signal.SIGTERM, err)
+        self.assertIn("Resume with: python gpt.py --init_from=resume --out_dir='my run'", out)
+        os.makedirs('elsewhere')
+        os.chdir('elsewhere')  # where no 'data' folder is
+        code, out, err = cli('gpt.py', ['--init_from=resume', f'--out_dir={self.dir}/my run', '--device=cpu'])
+        self.assertEqual(code, 0, err)
+        self.assertIn('resuming at iter 4', out)
+        self.assertFalse(os.path.exists('data'))  # it ran no prepare.py here: it found the run's data
+
+
+class TestCrossPlatformAndMemory(DataDirTest):
+
+    def test_the_scripts_import_and_run_without_posix_only_modules_as_on_windows(self):
+        r = launched(self.dir, without_posix_only_modules)  # started ahead: see launched
+        self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+        self.assertIn('iter 2: train loss', r.stdout)
+        self.assertIn('wrote ', r.stdout)  # bench.py plot
+        self.assertIn('blocked: fcntl resource sysconf', r.stdout)  # the driver did block them
+
+    def test_running_out_of_memory_ends_in_one_line_naming_what_to_lower(self):
+        for error in (torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB'),
+                      MemoryError('Unable to allocate 64.0 TiB for an array'),
+                      RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes")):
+            with self.subTest(error=type(error).__name__), mock.patch.object(gpt, 'train_step', side_effect=error):
+                code, _, err = cli('gpt.py', self.train_args(out=type(error).__name__))
+                self.assertEqual((code, err), (2, 'error: out of memory; lower --batch_size or --block_size, or the '
+                                                  'model (--n_layer, --n_embd)\n'))
+        with mock.patch.object(gpt, 'train_step', side_effect=RuntimeError('some other failure')), \
+                self.assertRaisesRegex(RuntimeError, 'some other failure'):  # not memory: a real traceback
+            cli('gpt.py', self.train_args(out='other'))
+
+    def test_only_process_0_serializes_and_writes_the_checkpoint(self):
+        quiet(gpt.main, self.train_args(max_iters=2, lr_decay_iters=2))
+        saved = []
+        with mock.patch.object(gpt.torch, 'save', side_effect=lambda *a, **k: saved.append(a)), \
+                mock.patch.object(gpt, 'agree', side_effect=lambda value, op=None: float(value)):
+            model, optimizer, scaler = gpt.build(self.meta['vocab_size'])
+            for rank in (1, 0):
+                with mock.patch.object(gpt, 'rank', rank):
+                    run = quiet(gpt.Run, model, optimizer, scaler, self.meta, {'iter_num': 2, 'best_val_loss': 1.0})
+                    quiet(run.save, 3, ['last.pt'])
+                self.assertEqual(len(saved), rank == 0)  # process 1 serialized nothing
+
+    def test_log_csv_gives_each_row_the_learning_rate_of_the_step_it_names(self):
+        quiet(gpt.main, self.train_args(log_interval=3, eval_interval=5))
+        rows = list(csv_rows(os.path.join(self.dir, 'out', 'log.csv')))
+        self.assertEqual({r['val_loss'] == '' for r in rows}, {True, False})  # step rows and eval rows
+        with mock.patch.multiple(gpt, learning_rate=gpt.DEFAULTS['learning_rate'], min_lr=gpt.DEFAULTS['min_lr'],
+                                 warmup_iters=2, lr_decay_iters=12):
+            for r in rows:
+                self.assertEqual(r['lr'], f"{gpt.get_lr(int(r['iter'])):.4g}", r)
 
 
 class TestTeardown(DataDirTest):
