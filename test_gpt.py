@@ -155,7 +155,7 @@ class SuiteWithLaunchesAhead(unittest.TestSuite):
             return [(launch, tuple(args)) for test, started in launches.items() if test in selected
                     for launch, *args in started]
         forking = of_selected({  # run now, one after the other, before the background thread starts
-            'TestWhatTheWeakTestsNowAssert.test_a_ddp_step_on_two_processes_equals_one_step_on_both_batches':
+            'TestScalingUp.test_a_ddp_step_on_two_processes_equals_one_step_on_both_batches':
                 [(ddp_step_on_two_processes,)],
             'TestReliability.test_a_kill_during_the_first_checkpoint_write_leaves_a_folder_a_new_run_starts_in':
                 [(killed_during_the_first_checkpoint_write,)]})
@@ -165,8 +165,9 @@ class SuiteWithLaunchesAhead(unittest.TestSuite):
             'TestCheckpointAndConfig.test_end_to_end_a_fresh_folder_prepares_its_data_trains_and_samples':
                 [(gpt_py_in_a_fresh_folder,)],
             'TestTorchrunAgreement.test_a_nan_on_one_process_or_a_full_disk_on_another_ends_every_process_with_'
-            'one_line': [(torchrun_with_a_fault, 'nan_on_rank_1'), (torchrun_with_a_fault, 'full_disk_on_rank_0')],
-            'TestWhatTheWeakTestsNowAssert.test_torchrun_with_two_cpu_processes_trains_and_saves_a_checkpoint_'
+            'one_line': [(torchrun_with_a_fault, 'nan_on_rank_1'), (torchrun_with_a_fault, 'full_disk_on_rank_0'),
+                         (torchrun_with_a_fault, 'out_dir_is_a_file')],
+            'TestScalingUp.test_torchrun_with_two_cpu_processes_trains_and_saves_a_checkpoint_'
             'sample_py_reads': [(torchrun_trains_on_two_cpu_processes,)]})
         with contextlib.ExitStack() as stack:  # on the way out: no launch left waiting, then no folder left
             folders = {key: stack.enter_context(data_folder()) for key in forking + in_background}
@@ -301,6 +302,48 @@ class TestBPE(DataDirTest):
         self.assertEqual(train, tok.encode(TEXT[:meta['train_chars']]))
         self.assertEqual(val, tok.encode(TEXT[meta['train_chars']:]))
 
+    def test_bpe_decodes_any_ids_replacing_broken_utf8(self):
+        meta = quiet(prepare.prepare, self.input, os.path.join(self.dir, 'bpe'), 'bpe', 300)
+        tok = gpt.load_tokenizer(meta['tokenizer'])
+        merges = meta['tokenizer']['merges']
+
+        def spelled(i):  # the bytes of an id, by undoing its merges
+            return bytes([i]) if i < 256 else spelled(merges[i - 256][0]) + spelled(merges[i - 256][1])
+        ids = torch.randint(tok.vocab_size, (500,), generator=torch.Generator().manual_seed(0)).tolist()
+        ids += [195, 169, 256, 195]  # 'é' whole, then half of it
+        expected = b''.join(map(spelled, ids)).decode('utf-8', errors='replace')
+        self.assertEqual(tok.decode(ids), expected)
+        self.assertTrue(tok.decode(ids).endswith('é' + tok.decode([256]) + '\ufffd'))
+        self.assertEqual(tok.decode(list('é'.encode('utf-8'))[:1]), '\ufffd')  # half a character
+        text = TEXT[:300] + ' Ünïcödé 🙂'
+        self.assertEqual(tok.decode(tok.encode(text)), text)
+
+    def test_a_bpe_model_trains_resumes_reports_bits_per_char_and_samples_from_any_start_text(self):
+        meta = quiet(prepare.prepare, self.input, os.path.join(self.dir, 'bpe'), 'bpe', 300)
+        data = os.path.join(self.dir, 'bpe')
+        quiet(gpt.main, self.train_args(data_dir=data, max_iters=6))
+        log = output_of(gpt.main, self.train_args(data_dir=data) + ['--init_from=resume'])
+        self.assertRegex(log, r'\d\.\d+ bits/char')
+        for row in csv_rows(os.path.join(self.dir, 'out', 'log.csv')):  # nats per token -> bits per character
+            if row['val_loss']:
+                bpc = float(row['val_loss']) * meta['val_tokens'] / meta['val_chars'] / math.log(2)
+                self.assertAlmostEqual(float(row['val_bpc']), bpc, delta=1e-3)
+        self.assertEqual(torch.load(os.path.join(self.dir, 'out', 'last.pt'), weights_only=True)['iter_num'], 12)
+        out_dir, start = os.path.join(self.dir, 'out'), 'Zebras über 🙂'
+        out = output_of(sample.main, [f"--out_dir={out_dir}", f'--start={start}', '--num_samples=2',
+                                      '--max_new_tokens=10', '--device=cpu'])
+        self.assertEqual(out, ''.join(f"{'-' * 20} sample {i + 1}\n{text}\n"
+                                      for i, text in enumerate(expected_samples(out_dir, start, 2, 10))))
+        out = output_of(sample.main, [f"--out_dir={out_dir}", f'--start={start}', '--num_samples=1',
+                                      '--max_new_tokens=10', '--device=cpu'])
+        self.assertEqual(out, expected_samples(out_dir, start, 1, 10)[0] + '\n')  # streamed: the same text
+        for stream in ('1', '3'):  # the stop text ends each sample, wherever BPE cut it into tokens
+            out = output_of(sample.main, [f"--out_dir={out_dir}", '--start=Zebras', '--stop=e',
+                                          '--num_samples=' + stream, '--max_new_tokens=80', '--temperature=2'])
+            for text in out.split('-' * 20 + ' sample ')[1:] if stream == '3' else [out]:
+                generated = text.split('Zebras', 1)[1].rstrip('\n')
+                self.assertEqual(generated.count('e'), 1, generated)
+                self.assertTrue(generated.endswith('e'), generated)
 
 
 class TestModel(unittest.TestCase):
@@ -371,6 +414,30 @@ class TestModel(unittest.TestCase):
         self.assertEqual(out.shape, (2, 21))
         for t in range(1, 21):
             self.assertTrue(torch.equal(out[:, t], model(out[:, max(0, t - 8):t])[0][:, -1].argmax(-1)))
+
+    def test_the_logits_are_lm_head_of_ln_f_of_the_last_blocks_output(self):
+        model = tiny_model()
+        with torch.no_grad():
+            model.ln_f.weight.uniform_(0.5, 2.0)
+            model.ln_f.bias.normal_(0, 0.5)
+        idx = torch.randint(11, (2, 8))
+        x = model.tok_emb(idx) + model.pos_emb(torch.arange(8))
+        for block in model.blocks:
+            x = block(x)
+        logits = model(idx)[0]
+        self.assertTrue(torch.allclose(logits, model.lm_head(model.ln_f(x)), atol=1e-6))
+        self.assertFalse(torch.allclose(logits, model.lm_head(x), atol=1e-2))  # ln_f is no identity here
+
+    def test_the_forward_pass_equals_a_transformer_written_out_from_its_weights(self):
+        idx = torch.randint(11, (3, 8))
+        for flash in (True, False):
+            model = nudged(tiny_model(flash=flash))
+            with self.subTest(flash=flash), torch.no_grad():
+                self.assertLess((model(idx)[0] - written_out_forward(model, idx)).abs().max().item(), 1e-5)
+        model = nudged(tiny_model(n_embd=24, n_head=3, block_size=12))  # hs 8, T 10: a scale by T or C shows
+        idx = torch.randint(11, (2, 10))
+        with torch.no_grad():
+            self.assertLess((model(idx)[0] - written_out_forward(model, idx)).abs().max().item(), 1e-5)
 
 
 class PieceTokenizer:
@@ -584,6 +651,59 @@ class TestGeneration(unittest.TestCase):
                    for lp in (0.0, 3.0)}
         self.assertLess(lengths[0.0], lengths[3.0])  # by log-probability the shortest wins; / length**3, a long one
 
+    def test_sampling_draws_from_the_softmax_of_the_logits_divided_by_the_temperature_once(self):
+        model = tiny_model()
+        idx = torch.randint(11, (2, 5))
+        logits = model(idx)[0][:, -1].detach()
+        real_multinomial = torch.multinomial
+        for temperature in (0.5, 2.0):
+            for top_k in (200, 3):
+                drawn_from = []
+
+                def multinomial(probs, *args, **kwargs):
+                    drawn_from.append(probs.clone())
+                    return real_multinomial(probs, *args, **kwargs)
+                with mock.patch.object(torch, 'multinomial', multinomial):
+                    sample.sample(model, idx, 1, temperature, top_k=top_k, generator=torch.Generator().manual_seed(0))
+                kept = logits >= logits.topk(top_k if top_k < 11 else 11).values[:, -1:]
+                expected = torch.softmax((logits / temperature).masked_fill(~kept, float('-inf')), -1)
+                with self.subTest(temperature=temperature, top_k=top_k):
+                    self.assertEqual(len(drawn_from), 1)
+                    self.assertTrue(torch.allclose(drawn_from[0], expected, atol=1e-6), (drawn_from[0], expected))
+
+    def test_under_beam_search_every_cached_step_gives_the_logits_of_recompute(self):
+        model = tiny_model(block_size=16)
+        real_next_logits, gaps = sample.next_logits, []
+
+        def checked(model, idx, cache=None):  # each step's logits, against a recompute of the same texts
+            logits = real_next_logits(model, idx, cache)
+            if cache is not None:
+                gaps.append((logits - real_next_logits(model, idx)).abs().max().item())
+            return logits
+        with mock.patch.object(sample, 'next_logits', checked):
+            sample.beam_search(model, torch.randint(11, (1, 3)), 12, beams=4)  # inside the window: no refill
+        self.assertEqual(len(gaps), 12)
+        self.assertLess(max(gaps), 1e-5)
+
+    def test_the_written_out_attention_with_the_kv_cache_gives_the_logits_of_recompute(self):
+        model = nudged(tiny_model(block_size=16, flash=False))
+        idx = torch.randint(11, (3, 4))
+        cache = sample.KVCache(model.config)
+        for _ in range(30):  # one token at a time, past the window (refilled at 17 and 25 tokens)
+            cached, full = sample.next_logits(model, idx, cache), sample.next_logits(model, idx)
+            self.assertLess((cached - full).abs().max().item(), 1e-5)
+            idx = torch.cat((idx, cached.argmax(-1, keepdim=True)), dim=1)
+        prompt = idx[:, :16]
+        whole = model(prompt)[0]
+        with torch.inference_mode():  # a prompt in chunks through the cache: the logits of one forward
+            cache = sample.KVCache(model.config)
+            cache.clear(idx.device)
+            parts = []
+            for i in range(0, 16, 5):
+                parts.append(model(prompt[:, i:i + 5], cache=cache)[0])
+                cache.advance(parts[-1].shape[1])
+        self.assertLess((torch.cat(parts, dim=1) - whole).abs().max().item(), 1e-5)
+
 
 def gpt_py_in_a_fresh_folder(folder):
     """`python gpt.py` in a folder that holds input.txt and prompt.txt alone, then again once `data` is a file:
@@ -668,6 +788,16 @@ class TestCheckpointAndConfig(DataDirTest):
         self.assertEqual(len(samples), 2)
         for s in samples:
             self.assertTrue(s.split('\n', 1)[1].startswith('Sing the'))
+
+    def test_load_model_gives_a_model_in_eval_mode(self):
+        trained = tiny_model(vocab_size=self.meta['vocab_size'], block_size=16, dropout=0.5).train()
+        path = os.path.join(self.dir, 'ckpt.pt')
+        torch.save({'model': trained.state_dict(), 'model_args': trained.config._asdict(),
+                    'tokenizer': self.meta['tokenizer']}, path)
+        model, _ = gpt.load_model(path)
+        self.assertEqual([name for name, m in model.named_modules() if m.training], [])
+        idx = torch.randint(self.meta['vocab_size'], (2, 16))
+        self.assertTrue(torch.equal(model(idx)[0], model(idx)[0]))  # dropout 0.5 is off
 
 
 def _kill_during_first_save(argv, log):  # a child process: SIGKILL in the middle of the first checkpoint write
@@ -902,6 +1032,53 @@ class TestReliability(DataDirTest):
                 self.assertIn(words, lines[0])
         self.assertEqual(snapshot(d), before)
 
+    def test_a_bare_resume_takes_the_shape_and_settings_of_the_run_from_its_checkpoint(self):
+        out = os.path.join(self.dir, 'odd')
+        real_step = gpt.train_step
+
+        def stop_at_once(model, optimizer, scaler, it):  # SIGTERM during the first step: saved and exits after it
+            if it == stop_at_once.first:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_step(model, optimizer, scaler, it)
+        stop_at_once.first = 0
+        odd = dict(n_layer=1, n_head=3, n_embd=24, block_size=12, batch_size=3, dropout=0.1, learning_rate=3e-3,
+                   weight_decay=0.05, beta2=0.95, grad_clip=0.5, seed=7, warmup_iters=5, min_lr=1e-4,
+                   max_iters=100, lr_decay_iters=90, eval_interval=50, eval_iters=3, log_interval=7)
+        with mock.patch.object(gpt, 'train_step', stop_at_once):
+            code, _, err = cli('gpt.py', self.train_args(out='odd', **odd))
+            self.assertEqual((code, err), (128 + signal.SIGTERM, ''))
+            first = torch.load(os.path.join(out, 'last.pt'), weights_only=True)
+            stop_at_once.first = first['iter_num']
+            # the command the stop message prints (and --device=cpu, so that it runs on the CPU anywhere)
+            code, stdout, err = cli('gpt.py', ['--init_from=resume', f'--out_dir={out}', '--device=cpu'])
+        self.assertEqual((code, err), (128 + signal.SIGTERM, ''))
+        self.assertIn(f"its own settings, 36 tokens per step, resuming at iter {first['iter_num']}", stdout)
+        second = torch.load(os.path.join(out, 'last.pt'), weights_only=True)
+        self.assertEqual(second['iter_num'], first['iter_num'] + 1)
+        self.assertEqual(second['model_args'], first['model_args'])
+        self.assertEqual({k: v for k, v in second['config'].items() if k != 'init_from'},
+                         {k: v for k, v in first['config'].items() if k != 'init_from'})
+        self.assertEqual({k: second['config'][k] for k in odd}, odd)
+
+    def test_a_full_disk_mid_run_ends_in_one_line_and_keeps_the_checkpoints_whole(self):
+        quiet(gpt.main, self.train_args(max_iters=6))
+        before = snapshot(os.path.join(self.dir, 'out'))
+        full = OSError(errno.ENOSPC, 'No space left on device')
+        with mock.patch.object(gpt.os, 'fsync', side_effect=full):
+            code, out, err = cli('gpt.py', self.train_args() + ['--init_from=resume'])
+        self.assertEqual(code, 2)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertRegex(err, r"^error: cannot write to .*out/ \(No space left on device\); its checkpoints are "
+                              r"kept: once that is fixed, resume with python gpt.py --init_from=resume --out_dir=")
+        for name in ('ckpt.pt', 'last.pt'):
+            path = os.path.join(self.dir, 'out', name)
+            self.assertEqual(pathlib.Path(path).read_bytes(), before[pathlib.Path(path)])
+            kept = gpt.load_model(path, keys=('iter_num', 'best_val_loss'))  # whole: every key loads and fits
+            self.assertIn(kept['iter_num'], (6,) if name == 'last.pt' else (0, 6))  # the run's, not the failed one's
+            self.assertTrue(math.isfinite(kept['best_val_loss']))
+        left = set(os.listdir(os.path.join(self.dir, 'out'))) - {p.name for p in before}
+        self.assertLessEqual(left, {'ckpt.pt.tmp', 'last.pt.tmp'})  # the failed write; the next save replaces it
+
 
 class TestDevicesAndRuns(DataDirTest):
     """What a GPU run does, checked on the CPU with torch.cuda stubbed: the real set_device and the others
@@ -1002,6 +1179,8 @@ def torchrun_with_a_fault(folder, fault):
     """torchrun of gpt.py on two CPU processes, training on folder/data, with `fault` in one of them."""
     driver = os.path.join(folder, f'driver_{fault}.py')
     pathlib.Path(driver).write_text(_TORCHRUN_DRIVER.format(here=HERE))
+    if fault == 'out_dir_is_a_file':  # process 0 alone finds out, as it makes the folder
+        pathlib.Path(folder, fault).write_text('not a folder')
     return completed([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', driver,
                       fault, *training_args(folder, fault, eval_interval=4)], cwd=HERE, OMP_NUM_THREADS='1')
 
@@ -1011,7 +1190,8 @@ class TestTorchrunAgreement(DataDirTest):
 
     def test_a_nan_on_one_process_or_a_full_disk_on_another_ends_every_process_with_one_line(self):
         for fault, line in (('nan_on_rank_1', 'error: the loss is nan at iter 4'),
-                            ('full_disk_on_rank_0', 'error: cannot write to')):
+                            ('full_disk_on_rank_0', 'error: cannot write to'),
+                            ('out_dir_is_a_file', 'error: cannot write to')):
             with self.subTest(fault):
                 r = launched(self.dir, torchrun_with_a_fault, fault)  # started ahead; a hang would end in the timeout
                 self.assertNotEqual(r.returncode, 0)
@@ -1021,6 +1201,171 @@ class TestTorchrunAgreement(DataDirTest):
                 self.assertNotIn('Traceback (most recent call last):\n  File "' + HERE, r.stderr)
 
 
+class TestTrainingSteps(DataDirTest):
+    """What one optimizer step does: decay, clipping, the schedule, the batches, AdamW."""
+
+    def test_weight_decay_pulls_matrices_and_embeddings_but_not_biases_or_layernorm_gains(self):
+        model, optimizer, _ = built(weight_decay=0.1)
+        decayed = {f'{name}.weight' for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))
+                   and name != 'lm_head'}  # lm_head.weight is tok_emb.weight
+        names = {id(p): n for n, p in model.named_parameters()}
+        in_groups = [names[id(p)] for g in optimizer.param_groups for p in g['params']]
+        self.assertEqual(sorted(in_groups), sorted(names.values()))  # every parameter, once
+        decay_of = {names[id(p)]: g['weight_decay'] for g in optimizer.param_groups for p in g['params']}
+        self.assertEqual({n for n, wd in decay_of.items() if wd == 0.1}, decayed)
+        self.assertEqual({n for n, wd in decay_of.items() if wd != 0.1}, set(names.values()) - decayed)
+        self.assertTrue(all(wd == 0.0 for n, wd in decay_of.items() if n not in decayed))
+        self.assertTrue(any('ln' in n for n in set(names.values()) - decayed))  # LayerNorm gains and biases
+        # What the optimizer does with it: with a zero gradient, AdamW's step is the decay alone.
+        nudged(model, scale=1.0)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for g in optimizer.param_groups:
+            g['lr'] = 0.5
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        for n, p in model.named_parameters():
+            factor = 1 - 0.5 * 0.1 if n in decayed else 1.0
+            self.assertTrue(torch.allclose(p.detach(), before[n] * factor, atol=1e-6), n)
+
+    def test_a_gradient_larger_than_grad_clip_is_scaled_down_to_norm_grad_clip(self):
+        batch = (torch.randint(11, (4, 8), generator=torch.Generator().manual_seed(0)),
+                 torch.randint(11, (4, 8), generator=torch.Generator().manual_seed(1)))
+
+        def update(grad_clip):  # the SGD step (lr 1) is minus the gradient that the step applied
+            model = tiny_model().train()
+            before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+            a_step_of(model, torch.optim.SGD(model.parameters(), lr=1.0), 0, batch, grad_clip=grad_clip)
+            return torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+        free = update(0.0)  # off: the whole gradient
+        clip = free.norm().item() / 100
+        clipped = update(clip)
+        self.assertAlmostEqual(clipped.norm().item(), clip, delta=clip * 1e-4)  # capped at grad_clip ...
+        self.assertTrue(torch.allclose(clipped, free / 100, atol=1e-7))  # ... in the same direction
+        self.assertTrue(torch.allclose(update(free.norm().item() * 2), free, atol=1e-7))  # a small one passes
+
+    def test_every_param_group_steps_with_the_scheduled_lr(self):
+        model, optimizer, _ = built()
+        self.assertEqual(len(optimizer.param_groups), 2)
+        seen = []
+        real_step = optimizer.step
+
+        def step(*args, **kwargs):  # the lr of each group when the optimizer moves the weights
+            seen.append([g['lr'] for g in optimizer.param_groups])
+            return real_step(*args, **kwargs)
+        optimizer.step = step
+        batch = (torch.randint(11, (2, 8)), torch.randint(11, (2, 8)))
+        schedule = dict(learning_rate=1.0, min_lr=0.1, warmup_iters=4, lr_decay_iters=10, grad_clip=1.0)
+        its = (0, 2, 4, 7, 9, 15)
+        for it in its:
+            a_step_of(model, optimizer, it, batch, **schedule)
+        with mock.patch.multiple(gpt, **schedule):
+            expected = [[gpt.get_lr(it)] * 2 for it in its]
+        self.assertEqual(seen, expected)
+        self.assertEqual(len({lrs[0] for lrs in expected}), len(its))  # six different rates
+
+    def test_each_step_trains_on_its_own_batches_and_the_same_step_on_the_same_ones(self):
+        drawn = []
+        real_get_batch = gpt.get_batch
+
+        def get_batch(split, starts=None):
+            x, y = real_get_batch(split, starts)
+            drawn.append(x)
+            return x, y
+        model = tiny_model(vocab_size=self.meta['vocab_size'], block_size=16).train()
+        settings = dict(data_dir=self.data_dir, batch_size=4, block_size=16, device='cpu', dtype='float32', seed=1337,
+                        rank=0, grad_clip=1.0, gradient_accumulation_steps=1, learning_rate=1e-3, warmup_iters=0)
+        with mock.patch.multiple(gpt, get_batch=get_batch, **settings):
+            for it in (3, 4, 3):
+                torch.rand(it)  # whatever ran before: the step's own seed decides
+                gpt.train_step(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                               torch.amp.GradScaler(enabled=False), it)
+        self.assertTrue(torch.equal(drawn[0], drawn[2]))  # step 3 twice: the same rows
+        self.assertFalse(torch.equal(drawn[0], drawn[1]))  # step 4: others
+        self.assertGreater(len({row for x in drawn[:2] for row in map(tuple, x.tolist())}), 4)
+
+    def test_fused_adamw_takes_the_same_steps_as_the_plain_one(self):
+        """build's fused AdamW takes the steps of AdamW written out (decoupled decay, bias-corrected moments),
+        with each group's lr and weight decay and the configured betas."""
+        model, opt, _ = built(learning_rate=1e-2, weight_decay=0.1, beta1=0.8, beta2=0.95)
+        self.assertTrue(all(g['fused'] for g in opt.param_groups))
+        params = [(p, g) for g in opt.param_groups for p in g['params']]
+        mine = [p.detach().clone() for p, _ in params]
+        m, v = [torch.zeros_like(p) for p in mine], [torch.zeros_like(p) for p in mine]
+        for step in range(1, 4):
+            idx = torch.randint(11, (4, 8), generator=torch.Generator().manual_seed(step))
+            model(idx, idx)[1].backward()
+            for i, (p, g) in enumerate(params):
+                (b1, b2), lr, eps = g['betas'], g['lr'], g['eps']
+                mine[i] *= 1 - lr * g['weight_decay']
+                m[i] = b1 * m[i] + (1 - b1) * p.grad
+                v[i] = b2 * v[i] + (1 - b2) * p.grad ** 2
+                mine[i] -= lr * (m[i] / (1 - b1 ** step)) / ((v[i] / (1 - b2 ** step)).sqrt() + eps)
+            opt.step()
+            opt.zero_grad()
+            for i, (p, _) in enumerate(params):
+                self.assertLess((p.detach() - mine[i]).abs().max().item(), 1e-6, (step, i))
+        self.assertEqual({g['betas'] for g in opt.param_groups}, {(0.8, 0.95)})
+        self.assertEqual(sorted(g['weight_decay'] for g in opt.param_groups), [0.0, 0.1])
+
+
+class TestEvaluation(DataDirTest):
+    """The eval: fixed windows with dropout off, its sample, and the best checkpoint."""
+
+    def eval_settings(self):
+        return dict(data_dir=self.data_dir, out_dir=os.path.join(self.dir, 'out'), batch_size=3, block_size=16,
+                    eval_iters=2, device='cpu', dtype='float32', seed=1337, rank=0, world_size=1, learning_rate=1e-3,
+                    warmup_iters=2, lr_decay_iters=12, min_lr=1e-4, max_iters=12, gradient_accumulation_steps=1)
+
+    def test_the_eval_measures_the_model_with_dropout_off(self):
+        thinned = tiny_model(vocab_size=self.meta['vocab_size'], block_size=16, dropout=0.5).train()
+        plain = tiny_model(vocab_size=self.meta['vocab_size'], block_size=16, dropout=0.0)  # the same weights
+        with mock.patch.multiple(gpt, **self.eval_settings()):
+            first, second = (gpt.estimate_loss(thinned.train(), self.meta) for _ in range(2))
+            without = gpt.estimate_loss(plain, self.meta)
+        for split in ('train', 'val'):
+            self.assertAlmostEqual(first[split], second[split], places=6)
+            self.assertAlmostEqual(first[split], without[split], places=5)
+
+    def test_two_evals_of_the_same_weights_print_the_same_sample(self):
+        model = tiny_model(vocab_size=self.meta['vocab_size'], block_size=16, dropout=0.2)
+        samples = []
+        with mock.patch.multiple(gpt, **self.eval_settings()):
+            for seed in (1, 2):
+                torch.manual_seed(seed)  # whatever drew random numbers before
+                model.train()  # as training leaves it
+                samples.append(gpt.evaluate(model, self.meta)[3])
+        self.assertGreater(len(samples[0].strip()), 20)
+        self.assertEqual(samples[0], samples[1])
+
+    def test_ckpt_pt_keeps_the_best_val_and_a_worse_eval_never_overwrites_it(self):
+        vals, saved, real_save = iter((2.0, 3.0, 2.5, 1.0, 1.0 + 1e-6)), [], gpt.Run.save
+
+        def save(run, it, names):  # what each eval saves, and the state then on the disk
+            real_save(run, it, names)
+            best, last = (torch.load(os.path.join(self.dir, 'out', n), weights_only=True) for n in ('ckpt.pt', 'last.pt'))
+            saved.append((names, best['iter_num'], best['best_val_loss'], last['iter_num'], last['best_val_loss']))
+        with mock.patch.object(gpt, 'evaluate', lambda model, meta: (2.0, next(vals), 3.0, '')), \
+                mock.patch.object(gpt.Run, 'save', save):
+            quiet(gpt.main, self.train_args(max_iters=4, lr_decay_iters=4, eval_interval=1))
+        both, last = ['ckpt.pt', 'last.pt'], ['last.pt']
+        self.assertEqual(saved, [(both, 0, 2.0, 0, 2.0), (last, 0, 2.0, 1, 2.0), (last, 0, 2.0, 2, 2.0),
+                                 (both, 3, 1.0, 3, 1.0), (last, 3, 1.0, 4, 1.0)])
+
+    def test_each_eval_prints_a_sample_of_the_same_seed(self):
+        log = output_of(gpt.main, self.train_args(max_iters=6, log_interval=100, seed=5))
+        log = re.sub(r'(?m)^iter \d+/\d+: loss .*\n', '', log)  # the step lines: the last step logs
+        evals = re.split(r'iter \d+: train loss .*\n', log)[1:]
+        self.assertEqual(len(evals), 2)  # at iterations 0 and 6
+        model, tok = gpt.load_model(os.path.join(self.dir, 'out', 'last.pt'))  # the weights of iter 6
+        with mock.patch.multiple(gpt, device='cpu', compile=False):  # the weights of iter 0: build's, seed 5
+            initial = gpt.build(self.meta['vocab_size'])[0].eval()
+        for text, weights in zip(evals, (initial, model)):
+            torch.manual_seed(5)
+            expected = tok.decode(weights.generate(torch.zeros((1, 1), dtype=torch.long), 100)[0, 1:].tolist())
+            self.assertEqual(text.strip(), expected.strip())
+            self.assertGreater(len(text.strip()), 20)
+        self.assertNotEqual(evals[0], evals[1])  # other weights, other text
 
 
 def sgd_step_on(batches, accumulation=1):
@@ -1048,6 +1393,26 @@ class TestScalingUp(DataDirTest):
         combined = (torch.cat([b[0][0], b[1][0]]), torch.cat([b[0][1], b[1][1]]))
         self.assert_same_weights(sgd_step_on(b, accumulation=2), sgd_step_on([combined]))
 
+    def test_a_ddp_step_on_two_processes_equals_one_step_on_both_batches(self):
+        """...each process accumulating two micro-batches: the gradients are averaged over processes once, after
+        the last micro-batch (a sync after the first would leave the second one's unaveraged)."""
+        b, rendezvous, out_path = launched(self.dir, ddp_step_on_two_processes)  # run ahead: see launched
+        self.assertFalse(os.path.exists(rendezvous))  # the last process to leave removed it: both left cleanly
+        combined = (torch.cat([x for x, _ in b]), torch.cat([y for _, y in b]))
+        ddp, one = torch.load(out_path, weights_only=True), sgd_step_on([combined])
+        for key in one:
+            self.assertTrue(torch.allclose(ddp[key], one[key], atol=1e-6), key)
+        self.assertFalse(all(torch.equal(ddp[k], v) for k, v in tiny_model().state_dict().items()))  # it moved
+
+    def test_torchrun_with_two_cpu_processes_trains_and_saves_a_checkpoint_sample_py_reads(self):
+        r, out_dir = launched(self.dir, torchrun_trains_on_two_cpu_processes)  # started ahead: see launched
+        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+        self.assertIn('256 tokens per step', r.stdout)  # 4 x 16 x 2 micro-batches x 2 processes
+        self.assertEqual(r.stdout.count('iter 4: train loss'), 1)  # only process 0 evaluates and reports
+        self.assertEqual(torch.load(f'{out_dir}/last.pt', weights_only=True)['iter_num'], 4)
+        out = output_of(sample.main, [f'--out_dir={out_dir}', '--start=Sing', '--num_samples=1',
+                                      '--max_new_tokens=5', '--device=cpu'])
+        self.assertEqual(out, expected_samples(out_dir, 'Sing', 1, 5)[0] + '\n')
 
 
 class TestWatchingTraining(DataDirTest):
@@ -1065,6 +1430,49 @@ class TestWatchingTraining(DataDirTest):
         code, _, err = cli_bench(['plot', f'--out_dir={self.dir}/missing'])
         self.assertEqual((code, len(err.strip().splitlines())), (2, 1), err)
 
+    def test_bench_plot_leaves_out_a_non_finite_loss_reads_a_spreadsheets_bom_and_refuses_a_broken_row(self):
+        out = os.path.join(self.dir, 'out')
+        os.makedirs(out)
+        header = 'iter,train_loss,val_loss,val_bpc,lr,tokens_per_s\n'
+        logs = {'bom': '\ufeff' + header + '0,4.0,4.1,5.9,0.001,\n6,3.0,3.1,4.4,0.001,\n',
+                'nan': header + '0,4.0,4.1,5.9,0.001,\n6,inf,3.1,4.4,0.001,\n12,2.0,nan,3.0,0.001,\n',
+                'quote': header + '0,4.0,4.1,5.9,0.001,\n6,"3.0,3.1,4.4,0.001,\n12,2.0,2.1,3.0,0.001,\n',
+                'short': header + '0,4.0,4.1\n'}
+        for name, log in logs.items():
+            with self.subTest(name):
+                pathlib.Path(out, 'log.csv').write_text(log, encoding='utf-8')
+                code, stdout, err = cli_bench(['plot', f'--out_dir={out}'])
+                if name in ('quote', 'short'):  # rows would be lost silently: refused instead
+                    self.assertEqual((code, len(err.strip().splitlines())), (2, 1), err)
+                    self.assertIn('cannot be read as a gpt.py log', err)
+                    continue
+                self.assertEqual((code, err), (0, ''))
+                svg = pathlib.Path(out, 'loss.svg').read_text(encoding='utf-8')
+                self.assertNotIn('nan', svg.replace('font-family', ''))
+                points = [p.get('points').split() for p in ElementTree.fromstring(svg).findall(
+                    '{http://www.w3.org/2000/svg}polyline')]
+                self.assertEqual([len(p) for p in points], [2, 2] if name == 'bom' else [1, 1])
+                if name == 'nan':
+                    self.assertIn('left out the evals at iter 6, 12: a loss of nan or inf', stdout)
+
+    def test_log_csv_has_a_row_per_log_step_and_per_eval_and_a_resume_appends(self):
+        clock, real_step = [1000.0], gpt.train_step
+
+        def step(model, optimizer, scaler, it):  # every step takes 0.25 s of the clock; the rest none
+            clock[0] += 0.25
+            return real_step(model, optimizer, scaler, it)
+        with mock.patch.object(gpt, 'time', mock.Mock(time=lambda: clock[0])), \
+                mock.patch.object(gpt, 'train_step', step):
+            quiet(gpt.main, self.train_args(max_iters=6, gradient_accumulation_steps=2, log_interval=2))
+            log = output_of(gpt.main, self.train_args(gradient_accumulation_steps=2, log_interval=3) +
+                            ['--init_from=resume'])
+        rows = list(csv_rows(os.path.join(self.dir, 'out', 'log.csv')))
+        steps = [int(r['iter']) for r in rows if r['val_loss'] == '']
+        evals = [int(r['iter']) for r in rows if r['val_loss'] != '']
+        self.assertEqual((steps, evals), ([2, 4, 6, 9, 12], [0, 6, 6, 12]))  # the resume evaluates iter 6 again
+        # 4 x 16 tokens x 2 micro-batches per step, 0.25 s each: 512 tokens/s, whatever the log interval
+        self.assertEqual([r['tokens_per_s'] for r in rows if r['val_loss'] == ''], ['512'] * 5)
+        self.assertEqual(re.findall(r'(\d+) ms/iter, ([\d,]+) tok/s', log), [('250', '512')] * 2)
 
 
 def csv_rows(path):
@@ -1458,6 +1866,21 @@ class TestSampleCommandLine(DataDirTest):
             code, stdout, stderr = cli('sample.py', ['--device=cpu', f'--seed={2 ** 63 - 1}', '--max_new_tokens=5'])
             self.assertEqual((code, stderr), (0, ''))
 
+    def test_a_file_prompt_keeps_its_line_endings_and_a_run_with_only_last_pt_samples_from_it(self):
+        crlf = os.path.join(self.dir, 'crlf.txt')
+        pathlib.Path(crlf).write_bytes(TEXT.replace('\n', '\r\n').encode())
+        quiet(prepare.prepare, crlf, os.path.join(self.dir, 'crlf'))  # a model that knows \r
+        quiet(gpt.main, self.train_args(data_dir=os.path.join(self.dir, 'crlf'), max_iters=2, lr_decay_iters=2,
+                                        grad_clip='inf'))  # inf: no clipping, accepted
+        out = os.path.join(self.dir, 'out')
+        os.remove(os.path.join(out, 'ckpt.pt'))  # only last.pt: sample.py takes it
+        prompt = os.path.join(self.dir, 'prompt.txt')
+        pathlib.Path(prompt).write_bytes(b'Sing the\r\nTell')
+        code, stdout, err = cli('sample.py', [f'--out_dir={out}', f'--start=FILE:{prompt}', '--num_samples=1',
+                                              '--max_new_tokens=5', '--device=cpu'])
+        self.assertEqual((code, err), (0, ''))
+        self.assertTrue(stdout.startswith('Sing the\r\nTell'), repr(stdout))
+
     def test_sample_py_piped_into_a_reader_that_leaves_early_ends_quietly(self):  # python sample.py | head -c 20
         quiet(gpt.main, self.train_args(max_iters=2, lr_decay_iters=2))
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'sample.py'), f'--out_dir={self.dir}/out',
@@ -1523,251 +1946,6 @@ def nudged(model, scale=0.1, seed=0):
     return model
 
 
-class TestWhatTheSuiteMissed(DataDirTest):
-    """Each test names a property whose single realistic bug the rest of the suite let through."""
-
-    # -- the optimizer and the training step ---------------------------------------------------------------------
-
-    def test_weight_decay_pulls_matrices_and_embeddings_but_not_biases_or_layernorm_gains(self):
-        model, optimizer, _ = built(weight_decay=0.1)
-        decayed = {f'{name}.weight' for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))
-                   and name != 'lm_head'}  # lm_head.weight is tok_emb.weight
-        names = {id(p): n for n, p in model.named_parameters()}
-        in_groups = [names[id(p)] for g in optimizer.param_groups for p in g['params']]
-        self.assertEqual(sorted(in_groups), sorted(names.values()))  # every parameter, once
-        decay_of = {names[id(p)]: g['weight_decay'] for g in optimizer.param_groups for p in g['params']}
-        self.assertEqual({n for n, wd in decay_of.items() if wd == 0.1}, decayed)
-        self.assertEqual({n for n, wd in decay_of.items() if wd != 0.1}, set(names.values()) - decayed)
-        self.assertTrue(all(wd == 0.0 for n, wd in decay_of.items() if n not in decayed))
-        self.assertTrue(any('ln' in n for n in set(names.values()) - decayed))  # LayerNorm gains and biases
-        # What the optimizer does with it: with a zero gradient, AdamW's step is the decay alone.
-        nudged(model, scale=1.0)
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        for g in optimizer.param_groups:
-            g['lr'] = 0.5
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p)
-        optimizer.step()
-        for n, p in model.named_parameters():
-            factor = 1 - 0.5 * 0.1 if n in decayed else 1.0
-            self.assertTrue(torch.allclose(p.detach(), before[n] * factor, atol=1e-6), n)
-
-    def test_a_gradient_larger_than_grad_clip_is_scaled_down_to_norm_grad_clip(self):
-        batch = (torch.randint(11, (4, 8), generator=torch.Generator().manual_seed(0)),
-                 torch.randint(11, (4, 8), generator=torch.Generator().manual_seed(1)))
-
-        def update(grad_clip):  # the SGD step (lr 1) is minus the gradient that the step applied
-            model = tiny_model().train()
-            before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-            a_step_of(model, torch.optim.SGD(model.parameters(), lr=1.0), 0, batch, grad_clip=grad_clip)
-            return torch.cat([p.detach().flatten() for p in model.parameters()]) - before
-        free = update(0.0)  # off: the whole gradient
-        clip = free.norm().item() / 100
-        clipped = update(clip)
-        self.assertAlmostEqual(clipped.norm().item(), clip, delta=clip * 1e-4)  # capped at grad_clip ...
-        self.assertTrue(torch.allclose(clipped, free / 100, atol=1e-7))  # ... in the same direction
-        self.assertTrue(torch.allclose(update(free.norm().item() * 2), free, atol=1e-7))  # a small one passes
-
-    def test_every_param_group_steps_with_the_scheduled_lr(self):
-        model, optimizer, _ = built()
-        self.assertEqual(len(optimizer.param_groups), 2)
-        seen = []
-        real_step = optimizer.step
-
-        def step(*args, **kwargs):  # the lr of each group when the optimizer moves the weights
-            seen.append([g['lr'] for g in optimizer.param_groups])
-            return real_step(*args, **kwargs)
-        optimizer.step = step
-        batch = (torch.randint(11, (2, 8)), torch.randint(11, (2, 8)))
-        schedule = dict(learning_rate=1.0, min_lr=0.1, warmup_iters=4, lr_decay_iters=10, grad_clip=1.0)
-        its = (0, 2, 4, 7, 9, 15)
-        for it in its:
-            a_step_of(model, optimizer, it, batch, **schedule)
-        with mock.patch.multiple(gpt, **schedule):
-            expected = [[gpt.get_lr(it)] * 2 for it in its]
-        self.assertEqual(seen, expected)
-        self.assertEqual(len({lrs[0] for lrs in expected}), len(its))  # six different rates
-
-    def test_each_step_trains_on_its_own_batches_and_the_same_step_on_the_same_ones(self):
-        drawn = []
-        real_get_batch = gpt.get_batch
-
-        def get_batch(split, starts=None):
-            x, y = real_get_batch(split, starts)
-            drawn.append(x)
-            return x, y
-        model = tiny_model(vocab_size=self.meta['vocab_size'], block_size=16).train()
-        settings = dict(data_dir=self.data_dir, batch_size=4, block_size=16, device='cpu', dtype='float32', seed=1337,
-                        rank=0, grad_clip=1.0, gradient_accumulation_steps=1, learning_rate=1e-3, warmup_iters=0)
-        with mock.patch.multiple(gpt, get_batch=get_batch, **settings):
-            for it in (3, 4, 3):
-                torch.rand(it)  # whatever ran before: the step's own seed decides
-                gpt.train_step(model, torch.optim.SGD(model.parameters(), lr=0.0),
-                               torch.amp.GradScaler(enabled=False), it)
-        self.assertTrue(torch.equal(drawn[0], drawn[2]))  # step 3 twice: the same rows
-        self.assertFalse(torch.equal(drawn[0], drawn[1]))  # step 4: others
-        self.assertGreater(len({row for x in drawn[:2] for row in map(tuple, x.tolist())}), 4)
-
-    # -- the eval, its sample and its checkpoint -------------------------------------------------------------------
-
-    def eval_settings(self):
-        return dict(data_dir=self.data_dir, out_dir=os.path.join(self.dir, 'out'), batch_size=3, block_size=16,
-                    eval_iters=2, device='cpu', dtype='float32', seed=1337, rank=0, world_size=1, learning_rate=1e-3,
-                    warmup_iters=2, lr_decay_iters=12, min_lr=1e-4, max_iters=12, gradient_accumulation_steps=1)
-
-    def test_the_eval_measures_the_model_with_dropout_off(self):
-        thinned = tiny_model(vocab_size=self.meta['vocab_size'], block_size=16, dropout=0.5).train()
-        plain = tiny_model(vocab_size=self.meta['vocab_size'], block_size=16, dropout=0.0)  # the same weights
-        with mock.patch.multiple(gpt, **self.eval_settings()):
-            first, second = (gpt.estimate_loss(thinned.train(), self.meta) for _ in range(2))
-            without = gpt.estimate_loss(plain, self.meta)
-        for split in ('train', 'val'):
-            self.assertAlmostEqual(first[split], second[split], places=6)
-            self.assertAlmostEqual(first[split], without[split], places=5)
-
-    def test_two_evals_of_the_same_weights_print_the_same_sample(self):
-        model = tiny_model(vocab_size=self.meta['vocab_size'], block_size=16, dropout=0.2)
-        samples = []
-        with mock.patch.multiple(gpt, **self.eval_settings()):
-            for seed in (1, 2):
-                torch.manual_seed(seed)  # whatever drew random numbers before
-                model.train()  # as training leaves it
-                samples.append(gpt.evaluate(model, self.meta)[3])
-        self.assertGreater(len(samples[0].strip()), 20)
-        self.assertEqual(samples[0], samples[1])
-
-    def test_ckpt_pt_keeps_the_best_val_and_a_worse_eval_never_overwrites_it(self):
-        vals, saved, real_save = iter((2.0, 3.0, 2.5, 1.0, 1.0 + 1e-6)), [], gpt.Run.save
-
-        def save(run, it, names):  # what each eval saves, and the state then on the disk
-            real_save(run, it, names)
-            best, last = (torch.load(os.path.join(self.dir, 'out', n), weights_only=True) for n in ('ckpt.pt', 'last.pt'))
-            saved.append((names, best['iter_num'], best['best_val_loss'], last['iter_num'], last['best_val_loss']))
-        with mock.patch.object(gpt, 'evaluate', lambda model, meta: (2.0, next(vals), 3.0, '')), \
-                mock.patch.object(gpt.Run, 'save', save):
-            quiet(gpt.main, self.train_args(max_iters=4, lr_decay_iters=4, eval_interval=1))
-        both, last = ['ckpt.pt', 'last.pt'], ['last.pt']
-        self.assertEqual(saved, [(both, 0, 2.0, 0, 2.0), (last, 0, 2.0, 1, 2.0), (last, 0, 2.0, 2, 2.0),
-                                 (both, 3, 1.0, 3, 1.0), (last, 3, 1.0, 4, 1.0)])
-
-    def test_load_model_gives_a_model_in_eval_mode(self):
-        trained = tiny_model(vocab_size=self.meta['vocab_size'], block_size=16, dropout=0.5).train()
-        path = os.path.join(self.dir, 'ckpt.pt')
-        torch.save({'model': trained.state_dict(), 'model_args': trained.config._asdict(),
-                    'tokenizer': self.meta['tokenizer']}, path)
-        model, _ = gpt.load_model(path)
-        self.assertEqual([name for name, m in model.named_modules() if m.training], [])
-        idx = torch.randint(self.meta['vocab_size'], (2, 16))
-        self.assertTrue(torch.equal(model(idx)[0], model(idx)[0]))  # dropout 0.5 is off
-
-    def test_a_bare_resume_takes_the_shape_and_settings_of_the_run_from_its_checkpoint(self):
-        out = os.path.join(self.dir, 'odd')
-        real_step = gpt.train_step
-
-        def stop_at_once(model, optimizer, scaler, it):  # SIGTERM during the first step: saved and exits after it
-            if it == stop_at_once.first:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return real_step(model, optimizer, scaler, it)
-        stop_at_once.first = 0
-        odd = dict(n_layer=1, n_head=3, n_embd=24, block_size=12, batch_size=3, dropout=0.1, learning_rate=3e-3,
-                   weight_decay=0.05, beta2=0.95, grad_clip=0.5, seed=7, warmup_iters=5, min_lr=1e-4,
-                   max_iters=100, lr_decay_iters=90, eval_interval=50, eval_iters=3, log_interval=7)
-        with mock.patch.object(gpt, 'train_step', stop_at_once):
-            code, _, err = cli('gpt.py', self.train_args(out='odd', **odd))
-            self.assertEqual((code, err), (128 + signal.SIGTERM, ''))
-            first = torch.load(os.path.join(out, 'last.pt'), weights_only=True)
-            stop_at_once.first = first['iter_num']
-            # the command the stop message prints (and --device=cpu, so that it runs on the CPU anywhere)
-            code, stdout, err = cli('gpt.py', ['--init_from=resume', f'--out_dir={out}', '--device=cpu'])
-        self.assertEqual((code, err), (128 + signal.SIGTERM, ''))
-        self.assertIn(f"its own settings, 36 tokens per step, resuming at iter {first['iter_num']}", stdout)
-        second = torch.load(os.path.join(out, 'last.pt'), weights_only=True)
-        self.assertEqual(second['iter_num'], first['iter_num'] + 1)
-        self.assertEqual(second['model_args'], first['model_args'])
-        self.assertEqual({k: v for k, v in second['config'].items() if k != 'init_from'},
-                         {k: v for k, v in first['config'].items() if k != 'init_from'})
-        self.assertEqual({k: second['config'][k] for k in odd}, odd)
-
-    # -- the model and generation ----------------------------------------------------------------------------------
-
-    def test_the_logits_are_lm_head_of_ln_f_of_the_last_blocks_output(self):
-        model = tiny_model()
-        with torch.no_grad():
-            model.ln_f.weight.uniform_(0.5, 2.0)
-            model.ln_f.bias.normal_(0, 0.5)
-        idx = torch.randint(11, (2, 8))
-        x = model.tok_emb(idx) + model.pos_emb(torch.arange(8))
-        for block in model.blocks:
-            x = block(x)
-        logits = model(idx)[0]
-        self.assertTrue(torch.allclose(logits, model.lm_head(model.ln_f(x)), atol=1e-6))
-        self.assertFalse(torch.allclose(logits, model.lm_head(x), atol=1e-2))  # ln_f is no identity here
-
-    def test_the_forward_pass_equals_a_transformer_written_out_from_its_weights(self):
-        idx = torch.randint(11, (3, 8))
-        for flash in (True, False):
-            model = nudged(tiny_model(flash=flash))
-            with self.subTest(flash=flash), torch.no_grad():
-                self.assertLess((model(idx)[0] - written_out_forward(model, idx)).abs().max().item(), 1e-5)
-        model = nudged(tiny_model(n_embd=24, n_head=3, block_size=12))  # hs 8, T 10: a scale by T or C shows
-        idx = torch.randint(11, (2, 10))
-        with torch.no_grad():
-            self.assertLess((model(idx)[0] - written_out_forward(model, idx)).abs().max().item(), 1e-5)
-
-    def test_sampling_draws_from_the_softmax_of_the_logits_divided_by_the_temperature_once(self):
-        model = tiny_model()
-        idx = torch.randint(11, (2, 5))
-        logits = model(idx)[0][:, -1].detach()
-        real_multinomial = torch.multinomial
-        for temperature in (0.5, 2.0):
-            for top_k in (200, 3):
-                drawn_from = []
-
-                def multinomial(probs, *args, **kwargs):
-                    drawn_from.append(probs.clone())
-                    return real_multinomial(probs, *args, **kwargs)
-                with mock.patch.object(torch, 'multinomial', multinomial):
-                    sample.sample(model, idx, 1, temperature, top_k=top_k, generator=torch.Generator().manual_seed(0))
-                kept = logits >= logits.topk(top_k if top_k < 11 else 11).values[:, -1:]
-                expected = torch.softmax((logits / temperature).masked_fill(~kept, float('-inf')), -1)
-                with self.subTest(temperature=temperature, top_k=top_k):
-                    self.assertEqual(len(drawn_from), 1)
-                    self.assertTrue(torch.allclose(drawn_from[0], expected, atol=1e-6), (drawn_from[0], expected))
-
-    def test_under_beam_search_every_cached_step_gives_the_logits_of_recompute(self):
-        model = tiny_model(block_size=16)
-        real_next_logits, gaps = sample.next_logits, []
-
-        def checked(model, idx, cache=None):  # each step's logits, against a recompute of the same texts
-            logits = real_next_logits(model, idx, cache)
-            if cache is not None:
-                gaps.append((logits - real_next_logits(model, idx)).abs().max().item())
-            return logits
-        with mock.patch.object(sample, 'next_logits', checked):
-            sample.beam_search(model, torch.randint(11, (1, 3)), 12, beams=4)  # inside the window: no refill
-        self.assertEqual(len(gaps), 12)
-        self.assertLess(max(gaps), 1e-5)
-
-    def test_the_written_out_attention_with_the_kv_cache_gives_the_logits_of_recompute(self):
-        model = nudged(tiny_model(block_size=16, flash=False))
-        idx = torch.randint(11, (3, 4))
-        cache = sample.KVCache(model.config)
-        for _ in range(30):  # one token at a time, past the window (refilled at 17 and 25 tokens)
-            cached, full = sample.next_logits(model, idx, cache), sample.next_logits(model, idx)
-            self.assertLess((cached - full).abs().max().item(), 1e-5)
-            idx = torch.cat((idx, cached.argmax(-1, keepdim=True)), dim=1)
-        prompt = idx[:, :16]
-        whole = model(prompt)[0]
-        with torch.inference_mode():  # a prompt in chunks through the cache: the logits of one forward
-            cache = sample.KVCache(model.config)
-            cache.clear(idx.device)
-            parts = []
-            for i in range(0, 16, 5):
-                parts.append(model(prompt[:, i:i + 5], cache=cache)[0])
-                cache.advance(parts[-1].shape[1])
-        self.assertLess((torch.cat(parts, dim=1) - whole).abs().max().item(), 1e-5)
-
-
 def _one_ddp_step_leaving_together(rank, world_size, rendezvous, batches, out_path):
     """_one_ddp_step, made to leave cleanly: DDP sits in a reference cycle, so unless it is collected before
     destroy_process_group, its gloo process group lives on until the interpreter exits, and tearing it down
@@ -1819,159 +1997,6 @@ def expected_samples(out_dir, start, num_samples, max_new_tokens, temperature=0.
     out = sample.sample(model, idx, max_new_tokens, temperature, top_k,
                         generator=torch.Generator().manual_seed(seed))
     return [tok.decode(row) for row in out.tolist()]
-
-
-class TestWhatTheWeakTestsNowAssert(DataDirTest):
-    """Stronger versions of weak tests in test_gpt.py, under the same names: each replaces the one named."""
-
-    # replaces TestBPE.test_bpe_decodes_any_ids_replacing_broken_utf8
-    def test_bpe_decodes_any_ids_replacing_broken_utf8(self):
-        meta = quiet(prepare.prepare, self.input, os.path.join(self.dir, 'bpe'), 'bpe', 300)
-        tok = gpt.load_tokenizer(meta['tokenizer'])
-        merges = meta['tokenizer']['merges']
-
-        def spelled(i):  # the bytes of an id, by undoing its merges
-            return bytes([i]) if i < 256 else spelled(merges[i - 256][0]) + spelled(merges[i - 256][1])
-        ids = torch.randint(tok.vocab_size, (500,), generator=torch.Generator().manual_seed(0)).tolist()
-        ids += [195, 169, 256, 195]  # 'é' whole, then half of it
-        expected = b''.join(map(spelled, ids)).decode('utf-8', errors='replace')
-        self.assertEqual(tok.decode(ids), expected)
-        self.assertTrue(tok.decode(ids).endswith('é' + tok.decode([256]) + '\ufffd'))
-        self.assertEqual(tok.decode(list('é'.encode('utf-8'))[:1]), '\ufffd')  # half a character
-        text = TEXT[:300] + ' Ünïcödé 🙂'
-        self.assertEqual(tok.decode(tok.encode(text)), text)
-
-    # replaces TestModel.test_fused_adamw_takes_the_same_steps_as_the_plain_one
-    def test_fused_adamw_takes_the_same_steps_as_the_plain_one(self):
-        """build's fused AdamW takes the steps of AdamW written out (decoupled decay, bias-corrected moments),
-        with each group's lr and weight decay and the configured betas."""
-        model, opt, _ = built(learning_rate=1e-2, weight_decay=0.1, beta1=0.8, beta2=0.95)
-        self.assertTrue(all(g['fused'] for g in opt.param_groups))
-        params = [(p, g) for g in opt.param_groups for p in g['params']]
-        mine = [p.detach().clone() for p, _ in params]
-        m, v = [torch.zeros_like(p) for p in mine], [torch.zeros_like(p) for p in mine]
-        for step in range(1, 4):
-            idx = torch.randint(11, (4, 8), generator=torch.Generator().manual_seed(step))
-            model(idx, idx)[1].backward()
-            for i, (p, g) in enumerate(params):
-                (b1, b2), lr, eps = g['betas'], g['lr'], g['eps']
-                mine[i] *= 1 - lr * g['weight_decay']
-                m[i] = b1 * m[i] + (1 - b1) * p.grad
-                v[i] = b2 * v[i] + (1 - b2) * p.grad ** 2
-                mine[i] -= lr * (m[i] / (1 - b1 ** step)) / ((v[i] / (1 - b2 ** step)).sqrt() + eps)
-            opt.step()
-            opt.zero_grad()
-            for i, (p, _) in enumerate(params):
-                self.assertLess((p.detach() - mine[i]).abs().max().item(), 1e-6, (step, i))
-        self.assertEqual({g['betas'] for g in opt.param_groups}, {(0.8, 0.95)})
-        self.assertEqual(sorted(g['weight_decay'] for g in opt.param_groups), [0.0, 0.1])
-
-    # replaces TestWatchingTraining.test_each_eval_prints_a_sample_of_the_same_seed
-    def test_each_eval_prints_a_sample_of_the_same_seed(self):
-        log = output_of(gpt.main, self.train_args(max_iters=6, log_interval=100, seed=5))
-        log = re.sub(r'(?m)^iter \d+/\d+: loss .*\n', '', log)  # the step lines: the last step logs
-        evals = re.split(r'iter \d+: train loss .*\n', log)[1:]
-        self.assertEqual(len(evals), 2)  # at iterations 0 and 6
-        model, tok = gpt.load_model(os.path.join(self.dir, 'out', 'last.pt'))  # the weights of iter 6
-        with mock.patch.multiple(gpt, device='cpu', compile=False):  # the weights of iter 0: build's, seed 5
-            initial = gpt.build(self.meta['vocab_size'])[0].eval()
-        for text, weights in zip(evals, (initial, model)):
-            torch.manual_seed(5)
-            expected = tok.decode(weights.generate(torch.zeros((1, 1), dtype=torch.long), 100)[0, 1:].tolist())
-            self.assertEqual(text.strip(), expected.strip())
-            self.assertGreater(len(text.strip()), 20)
-        self.assertNotEqual(evals[0], evals[1])  # other weights, other text
-
-    # replaces TestWatchingTraining.test_log_csv_has_a_row_per_log_step_and_per_eval_and_a_resume_appends
-    def test_log_csv_has_a_row_per_log_step_and_per_eval_and_a_resume_appends(self):
-        clock, real_step = [1000.0], gpt.train_step
-
-        def step(model, optimizer, scaler, it):  # every step takes 0.25 s of the clock; the rest none
-            clock[0] += 0.25
-            return real_step(model, optimizer, scaler, it)
-        with mock.patch.object(gpt, 'time', mock.Mock(time=lambda: clock[0])), \
-                mock.patch.object(gpt, 'train_step', step):
-            quiet(gpt.main, self.train_args(max_iters=6, gradient_accumulation_steps=2, log_interval=2))
-            log = output_of(gpt.main, self.train_args(gradient_accumulation_steps=2, log_interval=3) +
-                            ['--init_from=resume'])
-        rows = list(csv_rows(os.path.join(self.dir, 'out', 'log.csv')))
-        steps = [int(r['iter']) for r in rows if r['val_loss'] == '']
-        evals = [int(r['iter']) for r in rows if r['val_loss'] != '']
-        self.assertEqual((steps, evals), ([2, 4, 6, 9, 12], [0, 6, 6, 12]))  # the resume evaluates iter 6 again
-        # 4 x 16 tokens x 2 micro-batches per step, 0.25 s each: 512 tokens/s, whatever the log interval
-        self.assertEqual([r['tokens_per_s'] for r in rows if r['val_loss'] == ''], ['512'] * 5)
-        self.assertEqual(re.findall(r'(\d+) ms/iter, ([\d,]+) tok/s', log), [('250', '512')] * 2)
-
-    # replaces TestCheckpointAndConfig.test_end_to_end_a_fresh_folder_prepares_its_data_trains_and_samples
-    def test_a_bpe_model_trains_resumes_reports_bits_per_char_and_samples_from_any_start_text(self):
-        meta = quiet(prepare.prepare, self.input, os.path.join(self.dir, 'bpe'), 'bpe', 300)
-        data = os.path.join(self.dir, 'bpe')
-        quiet(gpt.main, self.train_args(data_dir=data, max_iters=6))
-        log = output_of(gpt.main, self.train_args(data_dir=data) + ['--init_from=resume'])
-        self.assertRegex(log, r'\d\.\d+ bits/char')
-        for row in csv_rows(os.path.join(self.dir, 'out', 'log.csv')):  # nats per token -> bits per character
-            if row['val_loss']:
-                bpc = float(row['val_loss']) * meta['val_tokens'] / meta['val_chars'] / math.log(2)
-                self.assertAlmostEqual(float(row['val_bpc']), bpc, delta=1e-3)
-        self.assertEqual(torch.load(os.path.join(self.dir, 'out', 'last.pt'), weights_only=True)['iter_num'], 12)
-        out_dir, start = os.path.join(self.dir, 'out'), 'Zebras über 🙂'
-        out = output_of(sample.main, [f"--out_dir={out_dir}", f'--start={start}', '--num_samples=2',
-                                      '--max_new_tokens=10', '--device=cpu'])
-        self.assertEqual(out, ''.join(f"{'-' * 20} sample {i + 1}\n{text}\n"
-                                      for i, text in enumerate(expected_samples(out_dir, start, 2, 10))))
-        out = output_of(sample.main, [f"--out_dir={out_dir}", f'--start={start}', '--num_samples=1',
-                                      '--max_new_tokens=10', '--device=cpu'])
-        self.assertEqual(out, expected_samples(out_dir, start, 1, 10)[0] + '\n')  # streamed: the same text
-        for stream in ('1', '3'):  # the stop text ends each sample, wherever BPE cut it into tokens
-            out = output_of(sample.main, [f"--out_dir={out_dir}", '--start=Zebras', '--stop=e',
-                                          '--num_samples=' + stream, '--max_new_tokens=80', '--temperature=2'])
-            for text in out.split('-' * 20 + ' sample ')[1:] if stream == '3' else [out]:
-                generated = text.split('Zebras', 1)[1].rstrip('\n')
-                self.assertEqual(generated.count('e'), 1, generated)
-                self.assertTrue(generated.endswith('e'), generated)
-
-    # replaces TestReliability.test_a_full_disk_mid_run_ends_in_one_line_keeps_the_checkpoints_and_leaves_no_tmp
-    def test_a_full_disk_mid_run_ends_in_one_line_and_keeps_the_checkpoints_whole(self):
-        quiet(gpt.main, self.train_args(max_iters=6))
-        before = snapshot(os.path.join(self.dir, 'out'))
-        full = OSError(errno.ENOSPC, 'No space left on device')
-        with mock.patch.object(gpt.os, 'fsync', side_effect=full):
-            code, out, err = cli('gpt.py', self.train_args() + ['--init_from=resume'])
-        self.assertEqual(code, 2)
-        self.assertEqual(len(err.strip().splitlines()), 1, err)
-        self.assertRegex(err, r"^error: cannot write to .*out/ \(No space left on device\); its checkpoints are "
-                              r"kept: once that is fixed, resume with python gpt.py --init_from=resume --out_dir=")
-        for name in ('ckpt.pt', 'last.pt'):
-            path = os.path.join(self.dir, 'out', name)
-            self.assertEqual(pathlib.Path(path).read_bytes(), before[pathlib.Path(path)])
-            kept = gpt.load_model(path, keys=('iter_num', 'best_val_loss'))  # whole: every key loads and fits
-            self.assertIn(kept['iter_num'], (6,) if name == 'last.pt' else (0, 6))  # the run's, not the failed one's
-            self.assertTrue(math.isfinite(kept['best_val_loss']))
-        left = set(os.listdir(os.path.join(self.dir, 'out'))) - {p.name for p in before}
-        self.assertLessEqual(left, {'ckpt.pt.tmp', 'last.pt.tmp'})  # the failed write; the next save replaces it
-
-    # replaces TestScalingUp.test_a_ddp_step_on_two_processes_equals_one_step_on_both_batches (and _one_ddp_step)
-    def test_a_ddp_step_on_two_processes_equals_one_step_on_both_batches(self):
-        """...each process accumulating two micro-batches: the gradients are averaged over processes once, after
-        the last micro-batch (a sync after the first would leave the second one's unaveraged)."""
-        b, rendezvous, out_path = launched(self.dir, ddp_step_on_two_processes)  # run ahead: see launched
-        self.assertFalse(os.path.exists(rendezvous))  # the last process to leave removed it: both left cleanly
-        combined = (torch.cat([x for x, _ in b]), torch.cat([y for _, y in b]))
-        ddp, one = torch.load(out_path, weights_only=True), sgd_step_on([combined])
-        for key in one:
-            self.assertTrue(torch.allclose(ddp[key], one[key], atol=1e-6), key)
-        self.assertFalse(all(torch.equal(ddp[k], v) for k, v in tiny_model().state_dict().items()))  # it moved
-
-    # replaces TestScalingUp.test_torchrun_with_two_cpu_processes_trains_and_saves_a_checkpoint_sample_py_reads
-    def test_torchrun_with_two_cpu_processes_trains_and_saves_a_checkpoint_sample_py_reads(self):
-        r, out_dir = launched(self.dir, torchrun_trains_on_two_cpu_processes)  # started ahead: see launched
-        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
-        self.assertIn('256 tokens per step', r.stdout)  # 4 x 16 x 2 micro-batches x 2 processes
-        self.assertEqual(r.stdout.count('iter 4: train loss'), 1)  # only process 0 evaluates and reports
-        self.assertEqual(torch.load(f'{out_dir}/last.pt', weights_only=True)['iter_num'], 4)
-        out = output_of(sample.main, [f'--out_dir={out_dir}', '--start=Sing', '--num_samples=1',
-                                      '--max_new_tokens=5', '--device=cpu'])
-        self.assertEqual(out, expected_samples(out_dir, 'Sing', 1, 5)[0] + '\n')
 
 
 _WINDOWS_DRIVER = """import os, sys
