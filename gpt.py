@@ -1,5 +1,5 @@
 """The reference GPT, a transformer trained from scratch on any text. Read top to bottom: the lesson first."""
-import collections, contextlib, gc, io, json, math, os, pathlib, re, shlex, signal, subprocess, sys, time  # noqa: E401
+import collections, contextlib, gc, io, json, math, os, pathlib, re, shlex, signal, subprocess, sys, time
 import numpy as np
 import torch
 from torch import distributed as dist, nn
@@ -38,7 +38,7 @@ dtype = 'auto'  # 'auto' is bfloat16 on GPUs that have it natively (float16 on o
 compile = True  # torch.compile each block on CUDA (CPU runs stay eager: there it made steps slower)
 flash = True  # attention by the fused F.scaled_dot_product_attention; False runs the written-out math
 seed = 1337  # seeds every random choice: same seed, same run
-# On CUDA, what you do not set comes from here: the reference model (10.76M parameters), trained to its best val loss.
+# On CUDA, what you do not set comes from here: the reference model (10.76M parameters), trained to its best.
 GPU_RECIPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
                   learning_rate=1e-3, max_iters=2000, warmup_iters=100, lr_decay_iters=2000, min_lr=1e-4,
                   eval_interval=250, eval_iters=7)
@@ -138,7 +138,7 @@ class Block(nn.Module):
     """Communication (attention), then computation (feed-forward), each added to the residual stream x.
     LayerNorm rescales each token's vector to mean 0 and variance 1, then applies a learned gain (scale) and
     bias (shift). Pre-norm (GPT-2) normalizes what each part reads, x + f(LN(x)): the gradient flows through
-    the sum to x unchanged, however deep the stack. No block normalizes x itself, so the model ends on ln_f."""
+    the sum to x unchanged, however deep the stack. No block normalizes x itself, so GPT ends on ln_f."""
     def __init__(self, cfg):
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(cfg.n_embd), MultiHeadAttention(cfg)
@@ -276,8 +276,8 @@ def train(ckpt, meta):  # the training loop; ckpt: the checkpoint that a resumed
             train_loss, val_loss, bpc, text = evaluate(model, meta)
             run.log(it, val_loss, f"iter {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
                     f"{bpc:.4f} bits/char\n{text}", f'{train_loss:.4f}', f'{val_loss:.4f}', f'{bpc:.4f}')
-            # last.pt, the latest state, is what a resume continues; ckpt.pt, the best val loss so far, is what
-            # to sample from (on a small text, a long run ends up learning it by heart: it overfits)
+            # last.pt, the latest state, is what a resume continues; ckpt.pt, the best val loss so far, is
+            # what to sample from (on a small text, a long run ends up learning it by heart: it overfits)
             run.best_val, improved = min(run.best_val, val_loss), val_loss < run.best_val
             run.save(it, ['ckpt.pt', 'last.pt'] if improved else ['last.pt'])
         if it == max_iters:
@@ -314,8 +314,8 @@ def write_files(write):  # process 0 writes every file; a failure there ends all
             else e.strerror or e
     if agree(error is not None):  # the checkpoints stay whole, old or new (Run.save)
         kept = any(os.path.isfile(f'{out_dir}/{name}') for name in ('last.pt', 'ckpt.pt'))
-        raise UserError(f"cannot write to {out_dir}/ ({error})" + (
-            f"; its checkpoints are kept: once that is fixed, resume with {resume_command()}" if kept else ''))
+        kept = f"; its checkpoints are kept: once it is fixed, resume with {resume_command()}" if kept else ''
+        raise UserError(f"cannot write to {out_dir}/ ({error}){kept}")
 class Run:  # for train(): log lines and log.csv, checkpoints, and stops
     def __init__(self, model, optimizer, scaler, meta, ckpt):
         self.model, self.optimizer, self.scaler, self.meta = model, optimizer, scaler, meta
@@ -324,7 +324,8 @@ class Run:  # for train(): log lines and log.csv, checkpoints, and stops
         self.tokens = batch_size * block_size * gradient_accumulation_steps * world_size  # per step
         say(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} in {dtype}, "
             f"{'its own settings' if ckpt else 'the gpu recipe' if 'cuda' in device else 'defaults'}, "
-            f"{self.tokens:,} tokens per step, {f'resuming at iter {self.start}' if ckpt else 'from scratch'}")
+            f"{self.tokens:,} tokens per step, "
+            f"{f'resuming at iter {self.start}' if ckpt else 'from scratch'}")
         if not ckpt:  # a new run starts log.csv (and out_dir); a resumed run appends to it
             self.append(('iter', 'train_loss', 'val_loss', 'val_bpc', 'lr', 'tokens_per_s'), 'w')
         stops.clear()  # from here Ctrl-C and SIGTERM ask the run to stop (stop_if_asked); main undoes it
@@ -359,11 +360,12 @@ class Run:  # for train(): log lines and log.csv, checkpoints, and stops
     def save(self, it, names):  # atomic, ckpt.pt first: after a crash at any moment the run resumes from one
         def write():
             buffer = io.BytesIO()  # serialized in memory first: a full disk then raises an OSError
+            # data_dir in full, so that a run resumed from another folder finds its data
+            config = {**{k: globals()[k] for k in DEFAULTS}, 'data_dir': os.path.abspath(data_dir)}
             torch.save({'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
                         'scaler': self.scaler.state_dict(), 'best_val_loss': self.best_val, 'iter_num': it,
                         'tokenizer': self.meta['tokenizer'], 'model_args': self.model.config._asdict(),
-                        'config': {**{k: globals()[k] for k in DEFAULTS}, 'data_dir': os.path.abspath(data_dir)}},
-                       buffer)  # data_dir in full: a resume from another folder finds the same data
+                        'config': config}, buffer)
             for path in (f'{out_dir}/{name}' for name in names):
                 with open(path + '.tmp', 'wb', buffering=0) as f:  # unbuffered: fsync then has every byte
                     f.write(buffer.getbuffer())
@@ -371,9 +373,8 @@ class Run:  # for train(): log lines and log.csv, checkpoints, and stops
                 os.replace(path + '.tmp', path)  # the old file or the new one, never half of one
         write_files(write)
         self.t_log, self.it_log = time.time(), it  # an eval's time does not count in the training speed
-def load_model(path, device='cpu', keys=()):  # a checkpoint or a run's folder -> (model, tokenizer)
-    if os.path.isdir(path):  # a folder: its best weights (ckpt.pt), else its latest (last.pt)
-        path = next((p for p in (f'{path}/ckpt.pt', f'{path}/last.pt') if os.path.isfile(p)), f'{path}/ckpt.pt')
+def load_model(path, device='cpu', keys=()):  # a checkpoint, or a folder's ckpt.pt -> (model, tokenizer)
+    path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}; train a model first: python gpt.py")
     try:  # weights_only: tensors and plain values alone, so that loading never runs code
@@ -397,8 +398,8 @@ def read_data():  # meta.json, once the token files' sizes are checked against i
     except (OSError, ValueError, KeyError, TypeError):
         whole = False
     if not whole:
-        raise UserError(f"{data_dir}/ holds no whole prepare.py output (train.bin, val.bin and a meta.json that "
-                        f"fits them); make it with python prepare.py --data_dir={data_dir}")
+        raise UserError(f"{data_dir}/ holds no whole prepare.py output (train.bin, val.bin and a meta.json "
+                        f"that fits them); make it with python prepare.py --data_dir={data_dir}")
     if (n := min(sizes.values())) <= block_size:
         raise UserError(f"--block_size={block_size} needs more than the {n} tokens of the "
                         f"{min(sizes, key=sizes.get)} split; use --block_size={max(1, n - 1)} or less")
@@ -453,8 +454,8 @@ def setup(overrides):  # settings, device and data, all checked before any work;
               for k in ('block_size', 'n_layer', 'n_head', 'n_embd', 'weight_decay', 'beta1', 'beta2')]
     rules += [(n_head < 1 or n_embd % n_head == 0, f'--n_embd={n_embd} must be a multiple of --n_head'),
               (grad_clip >= 0, f'--grad_clip={grad_clip} must be zero (no clipping) or more'),
-              (warmup_iters <= lr_decay_iters, f'--lr_decay_iters={lr_decay_iters} must be at least --warmup_iters='
-               f'{warmup_iters}: the decay follows the warmup'),
+              (warmup_iters <= lr_decay_iters, f'--lr_decay_iters={lr_decay_iters} must be at least '
+               f'--warmup_iters={warmup_iters}: the decay follows the warmup'),
               (min_lr <= learning_rate, f'--min_lr={min_lr} must be at most --learning_rate={learning_rate}'),
               (init_from in ('scratch', 'resume'), f'--init_from={init_from} must be scratch or resume'),
               (dtype in ('float32', 'bfloat16', 'float16'), f'--dtype={dtype} must be auto, float32, bfloat16'
@@ -466,7 +467,7 @@ def setup(overrides):  # settings, device and data, all checked before any work;
                '--init_from=resume, or train into a new folder with --out_dir=NAME'),
               (init_from == 'scratch' or found, f'{out_dir}/ holds no checkpoint; use --init_from=scratch'),
               (not ckpt or ckpt['iter_num'] < max_iters, f"{out_dir}/ is at iter {ckpt and ckpt['iter_num']} "
-               f"of --max_iters={max_iters}; to train longer, resume with larger --max_iters and --lr_decay_iters")]
+               f"of --max_iters={max_iters}; to train on, resume with larger --max_iters, --lr_decay_iters")]
     if broken := [message for ok, message in rules if not ok]:
         raise UserError(broken[0])
     if (meta := read_data()) and ckpt and ckpt['tokenizer'] != meta['tokenizer']:

@@ -266,7 +266,10 @@ def main(argv):
                             "give the path of a UTF-8 text file") from None
     if not text:
         raise UserError("--start is empty; give at least one character to continue, e.g. --start=$'\\n' in bash")
-    model, tokenizer = load_model(cfg['out_dir'], dev)
+    path = cfg['out_dir']  # a run's best weights (ckpt.pt), or its latest (last.pt) if it has no best one yet
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, 'ckpt.pt')):
+        path = os.path.join(path, 'last.pt') if os.path.isfile(os.path.join(path, 'last.pt')) else path
+    model, tokenizer = load_model(path, dev)
     if text == DEFAULTS['start'] and text not in tokenizer.decode(range(tokenizer.vocab_size)):
         raise UserError("this model's vocabulary has no newline, the default start text; give one with --start=TEXT")
     prompt = tokenizer.encode(text)

@@ -969,7 +969,7 @@ class TestReliability(DataDirTest):
             ('gpt.py', train + ['--init_from=resume', f'--out_dir={d}/no_config'], "KeyError: 'config'"),
             ('gpt.py', train + ['--init_from=resume', f'--out_dir={d}/no_optimizer'], "KeyError: 'optimizer'"),
             ('gpt.py', train + ['--init_from=resume', f'--out_dir={d}/run', '--max_iters=1'],
-             'is at iter 2 of --max_iters=1; to train longer'),
+             'is at iter 2 of --max_iters=1; to train on, resume with larger --max_iters'),
             ('gpt.py', train + ['--n_embd=30', '--n_head=4'], 'multiple of --n_head'),
             ('gpt.py', train + ['--n_layer=-1'], '--n_layer=-1 must be zero or more'),
             ('gpt.py', train + ['--n_head=0'], '--n_head=0 must be positive'),
@@ -1069,7 +1069,7 @@ class TestReliability(DataDirTest):
         self.assertEqual(code, 2)
         self.assertEqual(len(err.strip().splitlines()), 1, err)
         self.assertRegex(err, r"^error: cannot write to .*out/ \(No space left on device\); its checkpoints are "
-                              r"kept: once that is fixed, resume with python gpt.py --init_from=resume --out_dir=")
+                              r"kept: once it is fixed, resume with python gpt.py --init_from=resume --out_dir=")
         for name in ('ckpt.pt', 'last.pt'):
             path = os.path.join(self.dir, 'out', name)
             self.assertEqual(pathlib.Path(path).read_bytes(), before[pathlib.Path(path)])
