@@ -116,14 +116,14 @@ class Head(nn.Module):
         self.flash, self.dropout = flash, nn.Dropout(dropout)
     def forward(self, q, k, v, mask=None):
         if not self.flash:  # written out: the lesson
-            # A score per (query, key): how much the query's token wants the key's. A dot product of hs terms
-            # has a variance that grows with hs; / sqrt(hs) keeps it near 1: softmax stays soft, not one-hot.
+            # Each score says how much a query's token wants a key's. A dot product of hs terms has a variance
+            # that grows with hs, so dividing by sqrt(hs) keeps it near 1 and the softmax soft, not one-hot.
             wei = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B,nh,T,hs) @ (B,nh,hs,S) -> (B,nh,T,S)
-            # Targets are the inputs shifted by one: a token that saw later ones would read its answer.
+            # The mask hides later tokens, because the target of position t is token t + 1: no peeking.
             mask = torch.ones_like(wei[0, 0], dtype=torch.bool).tril() if mask is None else mask  # (T, S)
-            wei = wei.masked_fill(~mask, float('-inf')).softmax(dim=-1)  # row t: keys 0..t; exp(-inf) = 0
+            wei = wei.masked_fill(~mask, float('-inf')).softmax(dim=-1)  # row t weighs keys 0..t alone
             return self.dropout(wei) @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs): a weighted mean
-        # The same, fused into one kernel (flash attention) that can skip storing the scores; a test proves it
+        # The same math fused into one kernel (flash attention) that never stores the scores; a test checks it
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                               dropout_p=self.dropout.p if self.training else 0.0)
 class FeedForward(nn.Module):  # a two-layer MLP applied to each position on its own, 4x wider inside
@@ -157,8 +157,9 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd)  # normalizes the residual sum once, at the end (see Block)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying: reading and writing a token share a vector
-        # GPT-2 init: N(0, 0.02); the 2 .proj per block, writing into the residual stream, / sqrt(2 * n_layer)
-        for name, module in self.named_modules():  # so that the sum's variance does not grow with depth
+        # GPT-2's init: weights from N(0, 0.02). A block's two .proj layers write into the residual stream, so
+        # theirs are divided by sqrt(2 * n_layer): then the stream's variance does not grow with depth.
+        for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith('.proj') else 0.02
                 nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -278,7 +279,8 @@ def train(ckpt, meta):  # the training loop; ckpt: the checkpoint that a resumed
                     f"{bpc:.4f} bits/char\n{text}", f'{train_loss:.4f}', f'{val_loss:.4f}', f'{bpc:.4f}')
             # last.pt, the latest state, is what a resume continues; ckpt.pt, the best val loss so far, is
             # what to sample from (on a small text, a long run ends up learning it by heart: it overfits)
-            run.best_val, improved = min(run.best_val, val_loss), val_loss < run.best_val
+            improved = val_loss < run.best_val
+            run.best_val = min(run.best_val, val_loss)
             run.save(it, ['ckpt.pt', 'last.pt'] if improved else ['last.pt'])
         if it == max_iters:
             break
