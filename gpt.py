@@ -44,7 +44,7 @@ GPU_RECIPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, 
                   eval_interval=250, eval_iters=7)
 DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and isinstance(v, (bool, int, float, str))}
 
-# TOKENIZER: text <-> ids: one id per character of the text's sorted vocabulary, or byte-level BPE (as GPT-2).
+# TOKENIZER. Text to ids and back: one id per distinct character, or byte-level BPE as in GPT-2.
 class CharTokenizer:
     def __init__(self, vocab):
         self.vocab, self.vocab_size = vocab, len(vocab)  # id -> character
@@ -61,8 +61,8 @@ class BPETokenizer:  # ids 0-255: the bytes; id 256 + i: the pair that prepare.p
         self.bytes = [bytes([i]) for i in range(256)]  # id -> the bytes it stands for
         for a, b in self.merges:
             self.bytes.append(self.bytes[a] + self.bytes[b])
-    def encode(self, text):  # bytes -> a character each (latin-1: chr(b) is byte b): ids and characters agree
-        s = text.encode('utf-8').decode('latin-1')  # then merge i, in order, makes its pair chr(256 + i)
+    def encode(self, text):  # latin-1 turns byte b into chr(b), so the string is a string of ids;
+        s = text.encode('utf-8').decode('latin-1')  # merge i, in order, replaces its pair with chr(256 + i)
         for i, (a, b) in enumerate(self.merges):
             s = s.replace(chr(a) + chr(b), chr(256 + i))
         return [ord(c) for c in s]
@@ -75,17 +75,18 @@ def load_tokenizer(meta):  # meta: the 'tokenizer' entry of meta.json (or of a c
 def get_batch(split, starts=None):  # x, y (B, T) each (B: batch_size, T: block_size), at starts or random
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
     if starts is None:
-        starts = torch.randint(len(data) - block_size, (batch_size,)).numpy()  # start + T: a row's end
-    # A row: the T + 1 tokens at start + 0..T ((B, T + 1) indices); x its first T, y its last T. It teaches T
-    # predictions at once: y[t], the token after x[0..t], for each t (the causal mask sees to that).
+        starts = torch.randint(len(data) - block_size, (batch_size,)).numpy()  # each row must fit in data
+    # Each row is T + 1 consecutive tokens: x its first T, y its last T (x shifted by one). So a row teaches T
+    # predictions at once: y[t] is the token after x[0..t], for each t (the causal mask sees to that).
     rows = torch.from_numpy(data[np.asarray(starts)[:, None] + np.arange(block_size + 1)].astype(np.int64))
     if device.startswith('cuda'):  # page-locked memory: the copy to the GPU runs while it computes
         rows = rows.pin_memory()
     rows = rows.to(device, non_blocking=True)  # (B, T + 1)
     return rows[:, :-1], rows[:, 1:]
 
-# MODEL: each token becomes a vector (token + position embedding); blocks refine them with attention (a token
+# MODEL. Each token becomes a vector (token + position embedding); blocks refine them with attention (a token
 # gathers from earlier ones) and a feed-forward net; a last layer turns each into logits, next-token scores.
+# Shapes: B batch, T time (tokens), C = n_embd channels, nh heads of hs = C / nh, S keys, V vocabulary.
 GPTConfig = collections.namedtuple('GPTConfig', 'vocab_size block_size n_layer n_head n_embd dropout flash',
                                    defaults=(0.0, True))
 class MultiHeadAttention(nn.Module):  # n_head heads of hs = C / nh channels, each learns its own pattern
@@ -121,7 +122,7 @@ class Head(nn.Module):
             wei = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B,nh,T,hs) @ (B,nh,hs,S) -> (B,nh,T,S)
             # The mask hides later tokens, because the target of position t is token t + 1: no peeking.
             mask = torch.ones_like(wei[0, 0], dtype=torch.bool).tril() if mask is None else mask  # (T, S)
-            wei = wei.masked_fill(~mask, float('-inf')).softmax(dim=-1)  # row t weighs keys 0..t alone
+            wei = wei.masked_fill(~mask, float('-inf')).softmax(dim=-1)  # row t: keys 0..t; exp(-inf) is 0
             return self.dropout(wei) @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs): a weighted mean
         # The same math fused into one kernel (flash attention) that never stores the scores; a test checks it
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -137,8 +138,10 @@ class FeedForward(nn.Module):  # a two-layer MLP applied to each position on its
 class Block(nn.Module):
     """Communication (attention), then computation (feed-forward), each added to the residual stream x.
     LayerNorm rescales each token's vector to mean 0 and variance 1, then applies a learned gain (scale) and
-    bias (shift). Pre-norm (GPT-2) normalizes what each part reads, x + f(LN(x)): the gradient flows through
-    the sum to x unchanged, however deep the stack. No block normalizes x itself, so GPT ends on ln_f."""
+    bias (shift). Pre-norm (GPT-2) normalizes only what each part reads, x + f(LN(x)), so no LayerNorm sits on
+    the residual path: gradients reach the first blocks unchanged, however deep the stack (the first
+    transformer's post-norm, LN(x + f(x)), put one in the way of every block). But x itself is never
+    normalized and its scale grows with depth, so GPT applies ln_f once, before lm_head reads it."""
     def __init__(self, cfg):
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(cfg.n_embd), MultiHeadAttention(cfg)
@@ -156,7 +159,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)  # normalizes the residual sum once, at the end (see Block)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # weight tying: reading and writing a token share a vector
+        self.lm_head.weight = self.tok_emb.weight  # weight tying: one vector embeds token i and scores it
         # GPT-2's init: weights from N(0, 0.02). A block's two .proj layers write into the residual stream, so
         # theirs are divided by sqrt(2 * n_layer): then the stream's variance does not grow with depth.
         for name, module in self.named_modules():
@@ -175,9 +178,9 @@ class GPT(nn.Module):
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):  # more, and a KV cache: sample.py
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):  # sample.py adds a KV cache
         for _ in range(max_new_tokens):  # each new token is drawn given at most the last block_size tokens
-            logits = self(idx[:, -self.config.block_size:])[0][:, -1].float()  # (B, V): the next token's
+            logits = self(idx[:, -self.config.block_size:])[0][:, -1].float()  # (B, V): the next token only
             logits = logits - logits.amax(dim=-1, keepdim=True)  # the same softmax, no overflow; the max is 0
             if top_k is not None:  # only the k likeliest tokens stay candidates
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]  # (B, 1)
@@ -193,7 +196,7 @@ def autocast():  # mixed precision if dtype asks: matmuls in bfloat16 (or float1
 @torch.no_grad()
 def estimate_loss(model, meta, splits=('train', 'val')):
     # A split of N tokens holds n = (N - 1) // T windows end to end (each needs T + 1 tokens: inputs and, one
-    # further, targets). k of them, spread evenly, are scored: window i starts at block i * n // k.
+    # further, targets). k of the n, evenly spread, are scored: pick i is window i * n // k.
     model.eval()  # dropout off: the loss of the model itself, not of a randomly thinned copy
     out = {}
     for split in splits:
@@ -212,16 +215,17 @@ def evaluate(model, meta):  # -> train loss, val loss, val bits per character, a
         train_loss, val_loss = estimate_loss(model, meta).values()
         torch.manual_seed(seed)  # the same seed at every eval: watch the same text improve
         out = model.generate(torch.zeros((1, 1), dtype=torch.long, device=device), 100)[0, 1:]
-    # A loss per token depends on the tokenizer; in bits (/ ln 2) per character it compares across tokenizers
+    # nats per token x tokens per character = nats per character; / ln 2 = bits per character, which compares
+    # across tokenizers (a BPE token holds several characters)
     bpc = val_loss * meta['val_tokens'] / meta['val_chars'] / math.log(2)
     return train_loss, val_loss, bpc, load_tokenizer(meta['tokenizer']).decode(out.tolist()).strip()
 
 # TRAINING: the learning-rate schedule, the optimizer, one step, and the loop that repeats it.
 def get_lr(it):  # the learning rate of step it
-    # 1) Warm up: a fresh network's gradients are large and erratic, and AdamW divides each step by a running
-    # estimate of their size that rests on few steps yet, so full steps now could throw the weights far off.
+    # 1) Warm up: a fresh network's gradients are large and erratic, and AdamW scales each step by a running
+    # average of gradient sizes, unreliable after few steps; full steps now could throw the weights far off.
     if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)  # + 1: step 0 moves too
+        return learning_rate * (it + 1) / (warmup_iters + 1)  # it + 1: step 0's rate is not 0
     if it >= lr_decay_iters:  # 3) after the decay, min_lr
         return min_lr
     # 2) Decay, along a cosine to min_lr: big steps while the loss falls fast, then small ones, so that the
@@ -238,18 +242,20 @@ def build(vocab_size, ckpt=None):  # the model, its AdamW optimizer and loss sca
     optimizer = torch.optim.AdamW(groups, learning_rate, (beta1, beta2), weight_decay=weight_decay,
                                   fused=device.split(':')[0] in ('cuda', 'cpu'))  # one kernel for all
     scaler = torch.amp.GradScaler(enabled=dtype == 'float16')  # float16 only: small gradients would underflow
-    if ckpt:  # Exact resume. A checkpoint holds all the state that training changes: these three, the step,
-        # the best val loss and the settings (Run.save). Random draws come from a seed per step (train_step),
-        # so a resumed run is bit for bit the run that never stopped (on the CPU; GPU sums vary in order).
+    # Exact resume. A checkpoint holds all the state that training changes: the model, the optimizer and the
+    # scaler, the step, the best val loss and the settings (Run.save). The rate follows from the step, and
+    # each step reseeds (train_step), so a resumed run is bit for bit one that never stopped (on the CPU;
+    # GPUs may sum in another order).
+    if ckpt:
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])  # AdamW's moments: without them, the steps would differ
         scaler.load_state_dict(ckpt['scaler'] or scaler.state_dict())  # a bfloat16 run saved no scale
     for block in model.blocks if compile else []:  # CUDA: fused kernels, compiled once for all the identical
         block.compile()  # blocks: far quicker than compiling the whole model
     return model, optimizer, scaler
-def train_step(model, optimizer, scaler, it):  # -> the mean loss, a tensor: reading it waits for the GPU
+def train_step(model, optimizer, scaler, it):  # -> the mean loss as a tensor (.item() would wait for a GPU)
     model.train()  # dropout on (estimate_loss turned it off)
-    torch.manual_seed(hash((seed, it, rank)))  # from (seed, step, process): after a resume, the same batches
+    torch.manual_seed(hash((seed, it, rank)))  # per (seed, step, process): resumed, the same batches, dropout
     for group in optimizer.param_groups:
         group['lr'] = get_lr(it)
     total = 0.0
@@ -258,7 +264,7 @@ def train_step(model, optimizer, scaler, it):  # -> the mean loss, a tensor: rea
         if isinstance(model, DDP):  # under torchrun, average the gradients over processes once, at the end
             model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
         with autocast():
-            loss = model(x, y)[1] / gradient_accumulation_steps  # N summed: the gradient of the mean loss
+            loss = model(x, y)[1] / gradient_accumulation_steps  # / N: the N summed make the mean's gradient
         scaler.scale(loss).backward()  # the gradient of the loss with respect to every parameter
         total += loss.detach()
     if grad_clip > 0:  # one unlucky batch cannot throw the weights far: the gradient's norm is capped
@@ -272,7 +278,7 @@ def train(ckpt, meta):  # the training loop; ckpt: the checkpoint that a resumed
     model, optimizer, scaler = build(meta['vocab_size'], ckpt)
     step_model = DDP(model) if world_size > 1 else model  # DDP averages the gradients of all processes
     run = Run(model, optimizer, scaler, meta, ckpt)  # logs, checkpoints and stops: see the safety net
-    for it in range(run.start, max_iters + 1):  # it: steps done; at max_iters: a last eval, and save
+    for it in range(run.start, max_iters + 1):  # it = steps done; it == max_iters: a last eval and save
         if it % eval_interval == 0 or it == max_iters:
             train_loss, val_loss, bpc, text = evaluate(model, meta)
             run.log(it, val_loss, f"iter {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "

@@ -2228,6 +2228,342 @@ class TestCrossPlatformAndMemory(DataDirTest):
                 self.assertEqual(r['lr'], f"{gpt.get_lr(int(r['iter'])):.4g}", r)
 
 
+# -- Properties the suite left loosely pinned: decoding, the training loop's numbers, prepare.py, the block --------
+class ScriptedGPT(gpt.GPT):
+    """A GPT whose next-token logits a function of the text decides: script(row) -> (V,) logits for a row of token
+    ids (the whole window it is given), the same at every position. Its config is a real one (block_size)."""
+
+    def __init__(self, script, vocab_size, block_size=8):
+        super().__init__(gpt.GPTConfig(vocab_size, block_size, 1, 1, 4))
+        self.script = script
+        self.eval()
+
+    def forward(self, idx, targets=None, cache=None):
+        last = torch.stack([torch.as_tensor(self.script(row.tolist()), dtype=torch.float32) for row in idx])
+        return last[:, None, :].expand(idx.shape[0], idx.shape[1], last.shape[-1]), None
+
+
+class TestDecodingTheNextToken(unittest.TestCase):
+    """gpt.GPT.generate and sample.py's beam search and context window."""
+
+    def test_top_k_generation_only_ever_picks_one_of_the_k_likeliest_tokens_of_its_own_row(self):
+        # catches: `logits <= kth` (k - 1 kept), kth from row 0 or values[:, [0]], top_k ignored, an off-by-one k
+        table = torch.tensor([[2.0, 5.0, 0.0, 4.0, 1.0, 3.0],  # a prompt of token 0: the top 3 are 1, 3, 5
+                              [5.0, 0.0, 4.5, 1.0, 4.0, 3.5]])  # a prompt of token 1: the top 3 are 0, 2, 4
+        model = ScriptedGPT(lambda row: table[row[0]], vocab_size=6)
+        idx = torch.tensor([[0], [1]]).repeat(40, 1)  # (80, 1)
+        torch.manual_seed(0)
+        out = model.generate(idx, 6, temperature=20.0, top_k=3)  # hot: unfiltered, all 6 tokens would be drawn
+        self.assertEqual(out.shape, (80, 7))
+        self.assertEqual(set(out[0::2, 1:].flatten().tolist()), {1, 3, 5})  # each of the k, and no other
+        self.assertEqual(set(out[1::2, 1:].flatten().tolist()), {0, 2, 4})
+        out = model.generate(idx, 6, temperature=20.0, top_k=100)  # k above the vocabulary: every token
+        self.assertEqual(set(out[:, 1:].flatten().tolist()), set(range(6)))
+
+    def test_past_block_size_the_next_token_depends_only_on_the_last_block_size_tokens(self):
+        # catches: no crop, a crop to the first block_size tokens, to block_size - 1 or block_size + 1 tokens
+        def next_of(window):  # a token that every token of the window, its place and the window's length decide
+            return sum((i + 1) * w for i, w in enumerate(window)) * 7 % 11
+        model = ScriptedGPT(lambda row: torch.eye(11)[next_of(row)] * 10, vocab_size=11, block_size=8)
+        torch.manual_seed(1)
+        prompts = torch.randint(11, (1, 13)).repeat(2, 1)
+        prompts[1, :5] = (prompts[0, :5] + 1) % 11  # (2, 13): only the 5 tokens before the last 8 differ
+        out = model.generate(prompts, 12, temperature=0)
+        self.assertEqual(out.shape, (2, 25))
+        self.assertTrue(torch.equal(out[0, 13:], out[1, 13:]))  # what came before the window does not matter
+        for t in range(13, 25):
+            self.assertEqual(out[:, t].tolist(), [next_of(row) for row in out[:, t - 8:t].tolist()])
+        for wrong in (lambda t: out[0, t - 7:t], lambda t: out[0, t - 9:t], lambda t: out[0, :8]):
+            self.assertTrue(any(out[0, t].item() != next_of(wrong(t).tolist()) for t in range(13, 25)))  # it shows
+
+    def test_the_length_penalty_ranks_finished_beams_by_logprob_over_length_to_the_penalty(self):
+        # catches: a length counting the prompt, step ** -penalty, step + 1, dividing only unfinished beams,
+        # ranking by the raw log-probability (the penalty ignored)
+        START, END, A = 0, 1, 2  # and token 3, never likely
+        script = {(): [0.0, 0.5, 0.4, 0.1],  # the short text 'END' (1 token), or 'A ...'
+                  (A,): [0.0, 0.06, 0.9, 0.04],
+                  (A, A): [0.0, 0.9, 0.05, 0.05]}  # the long text 'A A END' (3 tokens)
+
+        def log_probs(row):
+            return torch.tensor(script.get(tuple(row[1:]), [0.25] * 4)).clamp_min(1e-12).log()
+        model = ScriptedGPT(log_probs, vocab_size=4)
+        short_logprob, long_logprob = math.log(0.5), math.log(0.4) + math.log(0.9) + math.log(0.9)
+        crossing = math.log(long_logprob / short_logprob) / math.log(3)  # long / 3**p == short / 1**p: p = 0.44
+        for penalty in (0.0, crossing - 0.02, crossing + 0.02, 1.0, 3.0):
+            out = sample.beam_search(model, torch.tensor([[START]]), 3, beams=2, length_penalty=penalty,
+                                     stopped=lambda ids: ids[:, -1] == END, use_cache=False)
+            long_wins = long_logprob / 3 ** penalty > short_logprob / 1 ** penalty
+            with self.subTest(penalty=penalty):
+                self.assertEqual(out.tolist(), [[START, A, A, END]] if long_wins else [[START, END]])
+                self.assertEqual(long_wins, penalty > crossing)  # 0 prefers the shorter text, a large one the longer
+
+    def test_the_context_window_starts_at_0_then_jumps_by_half_a_block_and_holds_half_to_a_whole_block(self):
+        # catches: floor instead of ceil (more than block_size tokens), a hop of a whole block (1 token left),
+        # hop = block_size // 2 without max(1, ...) (block_size 1 divides by 0), a first jump at T = block_size + 2
+        for block_size in (1, 2, 7, 8):
+            hop = max(1, block_size // 2)
+            starts = [sample.window_start(T, block_size) for T in range(1, 3 * block_size + 1)]
+            with self.subTest(block_size=block_size):
+                self.assertEqual(starts[:block_size], [0] * block_size)  # T <= block_size: the whole text
+                self.assertEqual(starts[block_size], hop)  # T = block_size + 1: the first jump, by half a block
+                for T, start in enumerate(starts, 1):
+                    self.assertEqual(start % hop, 0)
+                    self.assertLessEqual(T - start, block_size)
+                    self.assertGreaterEqual(T - start, min(T, block_size - hop + 1))  # at least half a block
+                self.assertTrue(all(b - a in (0, hop) for a, b in zip(starts, starts[1:])))  # it moves in hops
+
+
+class TestTheTrainingLoopsNumbers(DataDirTest):
+    """The eval windows, the learning-rate schedule, the batches of each process, a loss of inf."""
+
+    def recorded_starts(self, block_size=16, **settings):  # -> the model, estimate_loss's result, its get_batch calls
+        starts, real_get_batch = [], gpt.get_batch
+
+        def get_batch(split, starts_=None):
+            starts.append((split, list(starts_)))
+            return real_get_batch(split, starts_)
+        model = tiny_model(vocab_size=self.meta['vocab_size'], block_size=block_size)
+        with mock.patch.multiple(gpt, data_dir=self.data_dir, block_size=block_size, device='cpu', dtype='float32',
+                                 get_batch=get_batch, **settings):
+            losses = gpt.estimate_loss(model, self.meta)
+        return model, losses, starts
+
+    def test_the_eval_windows_are_spread_evenly_over_each_split_at_whole_block_starts(self):
+        # catches: starts without `* block_size`, the first k windows only, i * k // n, n = N // T (a last window
+        # one token short of its target, when T divides N)
+        T = next(t for t in (8, 16, 4, 2, 1) if self.meta['val_tokens'] % t == 0)  # N = n * T + T: the edge case
+        _, _, calls = self.recorded_starts(T, batch_size=5, eval_iters=1)
+        for split in ('train', 'val'):
+            N = self.meta[f'{split}_tokens']
+            n = (N - 1) // T
+            k = min(n, 5)
+            starts = [s for name, batch in calls if name == split for s in batch]
+            self.assertEqual(starts, [i * n // k * T for i in range(k)])
+            self.assertGreater(starts[-1], (n - 1) * T * 0.7)  # the last window near the end of the split ...
+            self.assertLessEqual(starts[-1] + T + 1, N)  # ... and wholly inside it (inputs and targets)
+        _, _, calls = self.recorded_starts(T, batch_size=5, eval_iters=1000)  # more asked than there are: all, once
+        n = (self.meta['val_tokens'] - 1) // T
+        self.assertEqual([s for name, batch in calls if name == 'val' for s in batch], [i * T for i in range(n)])
+
+    def test_the_eval_loss_is_the_plain_mean_over_windows_even_with_a_short_last_batch(self):
+        # catches: `* batch_size` instead of `* len(x)`, the mean of batch means, / number of batches
+        n = (self.meta['val_tokens'] - 1) // 16
+        batch_size = next(b for b in (4, 5, 6, 7) if n % b not in (0, 1))  # a last batch of 2 or more, short
+        model, losses, calls = self.recorded_starts(batch_size=batch_size, eval_iters=1000)
+        sizes = [len(batch) for name, batch in calls if name == 'val']
+        self.assertLess(sizes[-1], batch_size)  # the case at hand: k is not a multiple of batch_size
+        with mock.patch.multiple(gpt, data_dir=self.data_dir, block_size=16, device='cpu', dtype='float32'):
+            per_window = [model(*gpt.get_batch('val', [i * 16]))[1].item() for i in range(n)]
+        self.assertAlmostEqual(losses['val'], sum(per_window) / n, places=5)
+        batch_means = [np.mean(per_window[i:i + batch_size]) for i in range(0, n, batch_size)]
+        self.assertGreater(abs(np.mean(batch_means) - losses['val']), 1e-4)  # the weighting is what is tested
+
+    def test_the_lr_warms_up_linearly_then_follows_half_a_cosine_from_the_peak_to_min_lr(self):
+        # catches: progress from `it` not `it - warmup`, cos(pi * p / 2), a linear decay, warmup it / warmup,
+        # `* learning_rate` instead of `* (learning_rate - min_lr)`, min_lr too early or too late
+        with mock.patch.multiple(gpt, learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110):
+            lr = {it: gpt.get_lr(it) for it in range(0, 130)}
+        for it in range(10):
+            self.assertAlmostEqual(lr[it], (it + 1) / 11, places=12)  # linear, step 0 above zero
+        self.assertAlmostEqual(lr[10], 1.0, places=12)  # the peak, at the end of warmup
+        self.assertAlmostEqual(lr[60], (1.0 + 0.1) / 2, places=12)  # half way through the decay: half way down
+        self.assertAlmostEqual(lr[35], 0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2, places=12)  # a quarter
+        self.assertAlmostEqual(lr[85], 0.1 + 0.9 * (1 - math.cos(math.pi / 4)) / 2, places=12)  # three quarters
+        for d in range(1, 50):  # a cosine: symmetric about the midpoint
+            self.assertAlmostEqual(lr[60 - d] - 0.55, 0.55 - lr[60 + d], places=12)
+        self.assertTrue(all(lr[it] > lr[it + 1] for it in range(10, 110)))  # falling at every step of the decay
+        self.assertTrue(all(lr[it] == 0.1 for it in range(110, 130)))
+
+    def test_under_torchrun_each_process_trains_on_its_own_batches_and_a_rank_repeats_its_own(self):
+        # catches: the step's seed from (seed, it) alone, without the rank
+        drawn, real_get_batch = [], gpt.get_batch
+
+        def get_batch(split, starts=None):
+            x, y = real_get_batch(split, starts)
+            drawn.append(x)
+            return x, y
+        model = tiny_model(vocab_size=self.meta['vocab_size'], block_size=16).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        settings = dict(data_dir=self.data_dir, batch_size=4, block_size=16, device='cpu', dtype='float32', seed=1337,
+                        grad_clip=1.0, gradient_accumulation_steps=1, learning_rate=1e-3, warmup_iters=0,
+                        get_batch=get_batch)
+        ranks = (0, 1, 2, 3, 0, 1)
+        for rank in ranks:
+            torch.rand(rank + 3)  # whatever ran before in the process: the step's own seed decides
+            with mock.patch.multiple(gpt, rank=rank, **settings):
+                gpt.train_step(model, optimizer, torch.amp.GradScaler(enabled=False), 5)  # the same step
+        self.assertEqual(len(drawn), len(ranks))
+        for a in range(4):
+            for b in range(a + 1, 4):
+                self.assertFalse(torch.equal(drawn[a], drawn[b]), (a, b))  # ranks a and b: other rows
+        self.assertTrue(torch.equal(drawn[0], drawn[4]))  # rank 0 again: its rows again
+        self.assertTrue(torch.equal(drawn[1], drawn[5]))
+
+    def test_a_loss_of_inf_stops_the_run_and_keeps_the_last_good_checkpoint(self):
+        # catches: a check by math.isnan (inf goes on: the next eval's loss is nan, or it overwrites the checkpoints)
+        small = dict(n_layer=1, n_embd=16, batch_size=2, block_size=8, eval_iters=1, eval_interval=2)
+        quiet(gpt.main, self.train_args(max_iters=2, **small))
+        checkpoints = [os.path.join(self.dir, 'out', name) for name in ('ckpt.pt', 'last.pt')]
+        before = [torch.load(p, weights_only=True) for p in checkpoints]
+        real_forward = gpt.GPT.forward
+
+        def inf_from_the_second_step(model, idx, targets=None, cache=None):
+            logits, loss = real_forward(model, idx, targets, cache)
+            inf_from_the_second_step.calls += model.training
+            return logits, loss * float('inf') if inf_from_the_second_step.calls > 1 else loss
+        inf_from_the_second_step.calls = 0
+        with mock.patch.object(gpt.GPT, 'forward', inf_from_the_second_step), self.assertRaises(SystemExit) as stop:
+            quiet(gpt.main, self.train_args(max_iters=4, **small) + ['--init_from=resume'])
+        self.assertRegex(str(stop.exception.code), r"the loss is inf at iter 4.*--learning_rate")
+        for path, old in zip(checkpoints, before):  # the state of iter 2 (the resume evaluated it again)
+            new = torch.load(path, weights_only=True)
+            self.assertEqual((new['iter_num'], new['best_val_loss']), (old['iter_num'], old['best_val_loss']))
+            self.assertTrue(all(torch.equal(new['model'][k], v) for k, v in old['model'].items()))
+
+
+class TestWhatBPEMergesAndWherePrepareWrites(DataDirTest):
+    """prepare.train_bpe's rule for which pair merges, and the order in which prepare() puts its files in place."""
+
+    def test_a_pair_seen_only_once_is_never_merged_so_learning_stops_early(self):
+        # catches: queueing pairs of count 1 (at the start, made by a merge, or re-queued after their count fell)
+        merges, ids = quiet(prepare.train_bpe, byte_ids('ababcd'), 1000)  # ab twice; ba, bc, cd once
+        self.assertEqual(merges, [(97, 98)])  # then (N, N), (N, c), (c, d): once each, and no more merges
+        self.assertEqual(ids.tolist(), [256, 256, 99, 100])
+        merges, ids = quiet(prepare.train_bpe, byte_ids('ababba'), 1000)  # ab, ba twice: ab first (smaller) ...
+        self.assertEqual((merges, ids.tolist()), ([(97, 98)], [256, 256, 98, 97]))  # ... and ba is left once
+        merges, ids = quiet(prepare.train_bpe, byte_ids('abcdefg'), 1000)
+        self.assertEqual((merges, ids.tolist()), ([], byte_ids('abcdefg').tolist()))
+
+    def test_of_pairs_with_equal_counts_the_smallest_merges_first(self):
+        # catches: the largest pair first, the first-seen pair first (Counter.most_common), a heap of +count
+        for text, expected in (('zyzyabab', [(97, 98), (122, 121)]),  # zy and ab twice: ab is smaller
+                               ('acacabab', [(97, 98), (97, 99)]),  # ac, ca, ab twice: ab, then ac
+                               ('xyxyxyabab', [(120, 121), (97, 98), (256, 256)])):  # 3 beats a smaller pair's 2
+            with self.subTest(text=text):
+                self.assertEqual(quiet(prepare.train_bpe, byte_ids(text), 1000)[0], expected)
+
+    def test_overlapping_pairs_count_and_merge_left_to_right(self):
+        # catches: merging right to left ('aaa' -> a N), counting non-overlapping pairs ('aaa' would merge nothing)
+        for text, expected in (('aaa', [256, 97]), ('aaaaa', [256, 256, 97]), ('aaab' * 3, [256, 97, 98] * 3)):
+            with self.subTest(text=text):
+                merges, ids = quiet(prepare.train_bpe, byte_ids(text), 257)  # one merge
+                self.assertEqual(merges, [(97, 97)])
+                self.assertEqual(ids.tolist(), expected)
+                self.assertEqual(gpt.BPETokenizer(merges).encode(text), expected)  # as encode does
+
+    def test_prepare_removes_meta_json_before_replacing_the_token_files_and_puts_it_back_last(self):
+        # catches: meta.json replaced first or not removed first, so a crash mid-way leaves an old meta.json that
+        # still describes (or happens to fit) the new token files
+        pathlib.Path(self.input).write_text(TEXT[:-700], encoding='utf-8')  # new data: other sizes
+        events = []
+        real_replace, real_remove = os.replace, os.remove
+
+        def replace(src, dst):
+            events.append(('replace', os.path.basename(dst)))
+            return real_replace(src, dst)
+
+        def remove(path):
+            events.append(('remove', os.path.basename(path)))
+            return real_remove(path)
+        with mock.patch.object(prepare.os, 'replace', replace), mock.patch.object(prepare.os, 'remove', remove):
+            quiet(prepare.prepare, self.input, self.data_dir)
+        self.assertEqual(events[0], ('remove', 'meta.json'))
+        self.assertEqual([name for what, name in events if what == 'replace'][-1], 'meta.json')
+        self.assertEqual(sorted(events[1:]), [('replace', n) for n in ('meta.json', 'train.bin', 'val.bin')])
+
+    def test_a_crash_while_prepare_replaces_its_files_leaves_a_folder_without_meta_json(self):
+        # catches: the same as above, seen from the folder: a crash at any replace keeps no meta.json
+        pathlib.Path(self.input).write_text(TEXT[:-700], encoding='utf-8')
+        real_replace = os.replace
+
+        class Crash(BaseException):
+            pass
+        for crash_at in ('train.bin', 'val.bin', 'meta.json'):
+            quiet(prepare.prepare, self.input, os.path.join(self.dir, 'fresh'))  # a whole folder, then a crash
+            data_dir = os.path.join(self.dir, 'fresh')
+
+            def replace(src, dst):
+                if os.path.basename(dst) == crash_at:
+                    raise Crash
+                return real_replace(src, dst)
+            pathlib.Path(self.input).write_text(TEXT, encoding='utf-8')  # other data than the folder holds
+            with self.subTest(crash_at=crash_at), mock.patch.object(prepare.os, 'replace', replace), \
+                    self.assertRaises(Crash):
+                quiet(prepare.prepare, self.input, data_dir)
+            self.assertFalse(os.path.exists(os.path.join(data_dir, 'meta.json')))
+            with mock.patch.multiple(gpt, data_dir=data_dir, block_size=8, world_size=1), \
+                    self.assertRaisesRegex(gpt.UserError, 'no whole prepare.py output'):
+                gpt.read_data()
+            pathlib.Path(self.input).write_text(TEXT[:-700], encoding='utf-8')
+
+
+class TestPositionAndNormalization(unittest.TestCase):
+    """The position embedding breaks attention's indifference to order; each sub-block reads a LayerNorm of x."""
+
+    def test_a_bigram_model_gives_one_token_other_logits_at_other_positions_through_pos_emb_alone(self):
+        # catches: forward without pos_emb, positions all 0, pos_emb indexed by the token ids
+        model = tiny_model(n_layer=0, seed=1)
+        idx = torch.full((1, 8), 3)  # the same token at every position
+        with torch.no_grad():
+            logits = model(idx)[0][0]
+            for t in range(1, 8):
+                self.assertFalse(torch.allclose(logits[0], logits[t], atol=1e-4), t)
+            model.pos_emb.weight.zero_()
+            logits = model(idx)[0][0]
+        for t in range(1, 8):
+            self.assertTrue(torch.allclose(logits[0], logits[t], atol=1e-6), t)  # without it, one answer
+
+    def test_permuting_the_context_changes_the_last_logits_and_without_pos_emb_one_block_sees_a_set(self):
+        # catches: forward without pos_emb or with positions all 0 (one block then sees the context as a set)
+        idx = torch.tensor([[4, 1, 7, 2, 9, 0, 5, 3]])
+        permuted = idx[:, [6, 3, 0, 5, 1, 4, 2, 7]]  # the same tokens before the last one, in another order
+        for n_layer in (1, 3):
+            model = nudged(tiny_model(n_layer=n_layer, block_size=8, seed=2), scale=0.2)
+            with self.subTest(n_layer=n_layer), torch.no_grad():
+                a, b = model(idx)[0][0, -1], model(permuted)[0][0, -1]
+                self.assertGreater((a - b).abs().max().item(), 1e-3)  # the order of the context matters
+        with torch.no_grad():  # deeper, the earlier tokens' own causal contexts still differ
+            model.pos_emb.weight.zero_()
+            self.assertGreater((model(idx)[0][0, -1] - model(permuted)[0][0, -1]).abs().max().item(), 1e-3)
+        model = nudged(tiny_model(n_layer=1, block_size=8, seed=2), scale=0.2)
+        with torch.no_grad():
+            model.pos_emb.weight.zero_()
+            a, b = model(idx)[0][0, -1], model(permuted)[0][0, -1]
+        self.assertTrue(torch.allclose(a, b, atol=1e-5))  # one block, no positions: the last token sees a set
+
+    def test_a_block_adds_attention_of_ln1_x_then_the_feed_forward_of_ln2_of_that_sum(self):
+        # catches: ffwd(ln1(x)), ffwd(x) (no ln2), ffwd(ln2 of the block's input, before attention), post-norm
+        block = nudged(tiny_model(n_embd=16, seed=3), scale=0.3).blocks[0]
+        with torch.no_grad():
+            block.ln2.weight.uniform_(0.5, 2.0)  # ln2 no identity, and unlike ln1
+            block.ln2.bias.normal_(0, 0.5)
+        x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            h = x + block.attn(block.ln1(x))
+            out = block(x)
+            self.assertTrue(torch.allclose(out, h + block.ffwd(block.ln2(h)), atol=1e-6))
+            for wrong in (h + block.ffwd(block.ln1(h)), h + block.ffwd(h), h + block.ffwd(block.ln2(x)),
+                          block.ln2(h + block.ffwd(h))):
+                self.assertFalse(torch.allclose(out, wrong, atol=1e-3))  # each of those bugs would show
+
+    def test_the_feed_forward_reads_a_normalized_stream_however_large_the_block_input(self):
+        # catches: ffwd(x) or ffwd(ln1(x)) in place of ffwd(ln2(x)): unnormalized, or normalized with ln1's gains
+        block = nudged(tiny_model(n_embd=16, seed=4), scale=0.3).blocks[0]
+        with torch.no_grad():
+            block.ln2.weight.uniform_(0.5, 2.0)
+            block.ln2.bias.normal_(0, 0.5)
+        seen = []
+        block.ffwd.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+        x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1))
+        for scale in (1.0, 100.0, 1e4):
+            with torch.no_grad():
+                block(x * scale)
+            z = (seen[-1] - block.ln2.bias) / block.ln2.weight  # undo ln2's gain and shift
+            with self.subTest(scale=scale):
+                self.assertLess(z.mean(-1).abs().max().item(), 1e-4)  # each token: mean 0 ...
+                self.assertLess((z.var(-1, unbiased=False) - 1).abs().max().item(), 1e-3)  # ... variance 1
+
+
 class TestTeardown(DataDirTest):
     """Real bugs found while hunting the DDP flake: each test fails on the code as it is."""
 
