@@ -875,25 +875,26 @@ class TestReliability(DataDirTest):
             with self.subTest(reason), self.assertRaisesRegex(gpt.UserError, reason):
                 gpt.load_model(path)
 
-    def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(self):
+    def test_a_loss_of_nan_or_inf_stops_the_run_and_keeps_the_last_good_checkpoint(self):
         quiet(gpt.main, self.train_args(max_iters=6))
         checkpoints = [os.path.join(self.dir, 'out', name) for name in ('ckpt.pt', 'last.pt')]
         before = [torch.load(p, weights_only=True) for p in checkpoints]
         real_forward = gpt.GPT.forward
+        for bad in ('nan', 'inf'):  # a check by math.isnan alone would let inf overwrite the checkpoints
 
-        def nan_after_step_7(model, idx, targets=None, cache=None):
-            logits, loss = real_forward(model, idx, targets, cache)
-            nan_after_step_7.calls += model.training
-            return logits, loss * float('nan') if nan_after_step_7.calls > 1 else loss
-        nan_after_step_7.calls = 0
-        with mock.patch.object(gpt.GPT, 'forward', nan_after_step_7), self.assertRaises(SystemExit) as stop:
-            quiet(gpt.main, self.train_args() + ['--init_from=resume'])
-        self.assertRegex(str(stop.exception.code), r"loss is nan at iter 8.*--learning_rate")
-        for path, old in zip(checkpoints, before):  # the state of iter 6 (the resume evaluated it again)
-            new = torch.load(path, weights_only=True)
-            self.assertEqual((new['iter_num'], new['best_val_loss']), (old['iter_num'], old['best_val_loss']))
-            self.assertTrue(all(torch.equal(new['model'][k], v) for k, v in old['model'].items()))
-
+            def bad_after_step_7(model, idx, targets=None, cache=None):
+                logits, loss = real_forward(model, idx, targets, cache)
+                bad_after_step_7.calls += model.training
+                return logits, loss * float(bad) if bad_after_step_7.calls > 1 else loss
+            bad_after_step_7.calls = 0
+            with self.subTest(bad), mock.patch.object(gpt.GPT, 'forward', bad_after_step_7), \
+                    self.assertRaises(SystemExit) as stop:
+                quiet(gpt.main, self.train_args() + ['--init_from=resume'])
+            self.assertRegex(str(stop.exception.code), rf"loss is {bad} at iter 8.*--learning_rate")
+            for path, old in zip(checkpoints, before):  # the state of iter 6 (the resume evaluated it again)
+                new = torch.load(path, weights_only=True)
+                self.assertEqual((new['iter_num'], new['best_val_loss']), (old['iter_num'], old['best_val_loss']))
+                self.assertTrue(all(torch.equal(new['model'][k], v) for k, v in old['model'].items()))
     def test_ctrl_c_or_sigterm_in_training_saves_a_checkpoint_that_resumes(self):
         real_step = gpt.train_step
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -2398,28 +2399,6 @@ class TestTheTrainingLoopsNumbers(DataDirTest):
                 self.assertFalse(torch.equal(drawn[a], drawn[b]), (a, b))  # ranks a and b: other rows
         self.assertTrue(torch.equal(drawn[0], drawn[4]))  # rank 0 again: its rows again
         self.assertTrue(torch.equal(drawn[1], drawn[5]))
-
-    def test_a_loss_of_inf_stops_the_run_and_keeps_the_last_good_checkpoint(self):
-        # catches: a check by math.isnan (inf goes on: the next eval's loss is nan, or it overwrites the checkpoints)
-        small = dict(n_layer=1, n_embd=16, batch_size=2, block_size=8, eval_iters=1, eval_interval=2)
-        quiet(gpt.main, self.train_args(max_iters=2, **small))
-        checkpoints = [os.path.join(self.dir, 'out', name) for name in ('ckpt.pt', 'last.pt')]
-        before = [torch.load(p, weights_only=True) for p in checkpoints]
-        real_forward = gpt.GPT.forward
-
-        def inf_from_the_second_step(model, idx, targets=None, cache=None):
-            logits, loss = real_forward(model, idx, targets, cache)
-            inf_from_the_second_step.calls += model.training
-            return logits, loss * float('inf') if inf_from_the_second_step.calls > 1 else loss
-        inf_from_the_second_step.calls = 0
-        with mock.patch.object(gpt.GPT, 'forward', inf_from_the_second_step), self.assertRaises(SystemExit) as stop:
-            quiet(gpt.main, self.train_args(max_iters=4, **small) + ['--init_from=resume'])
-        self.assertRegex(str(stop.exception.code), r"the loss is inf at iter 4.*--learning_rate")
-        for path, old in zip(checkpoints, before):  # the state of iter 2 (the resume evaluated it again)
-            new = torch.load(path, weights_only=True)
-            self.assertEqual((new['iter_num'], new['best_val_loss']), (old['iter_num'], old['best_val_loss']))
-            self.assertTrue(all(torch.equal(new['model'][k], v) for k, v in old['model'].items()))
-
 
 class TestWhatBPEMergesAndWherePrepareWrites(DataDirTest):
     """prepare.train_bpe's rule for which pair merges, and the order in which prepare() puts its files in place."""
