@@ -42,6 +42,7 @@ seed = 1337  # seeds every random choice: same seed, same run
 GPU_RECIPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
                   learning_rate=1e-3, max_iters=2000, warmup_iters=100, lr_decay_iters=2000, min_lr=1e-4,
                   eval_interval=250, eval_iters=7)
+# The settings above, by name: what --help lists and a checkpoint keeps
 DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and isinstance(v, (bool, int, float, str))}
 
 # TOKENIZER. Text to ids and back: one id per distinct character, or byte-level BPE as in GPT-2.
@@ -50,8 +51,6 @@ class CharTokenizer:
         self.vocab, self.vocab_size = vocab, len(vocab)  # id -> character
         self.stoi = {ch: i for i, ch in enumerate(vocab)}  # character -> id
     def encode(self, text):
-        if unknown := sorted(set(text) - self.stoi.keys()):
-            raise UserError(f"characters not in the model's vocabulary: {''.join(unknown)!r}; remove them")
         return [self.stoi[ch] for ch in text]
     def decode(self, ids):
         return ''.join(self.vocab[i] for i in ids)
@@ -61,8 +60,10 @@ class BPETokenizer:  # ids 0-255: the bytes; id 256 + i: the pair that prepare.p
         self.bytes = [bytes([i]) for i in range(256)]  # id -> the bytes it stands for
         for a, b in self.merges:
             self.bytes.append(self.bytes[a] + self.bytes[b])
-    def encode(self, text):  # latin-1 turns byte b into chr(b), so the string is a string of ids;
-        s = text.encode('utf-8').decode('latin-1')  # merge i, in order, replaces its pair with chr(256 + i)
+    def encode(self, text):
+        # latin-1 turns byte b into the character chr(b), so the text becomes a string of ids; merge i, in
+        # order, replaces each of its pairs with chr(256 + i); ord() then reads the ids back.
+        s = text.encode('utf-8').decode('latin-1')
         for i, (a, b) in enumerate(self.merges):
             s = s.replace(chr(a) + chr(b), chr(256 + i))
         return [ord(c) for c in s]
@@ -94,7 +95,7 @@ class MultiHeadAttention(nn.Module):  # n_head heads of hs = C / nh channels, ea
         super().__init__()
         self.n_head = cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)  # query, key, value of all heads at once
-        self.heads = Head(cfg.dropout, cfg.flash)  # one module runs all n_head heads at once
+        self.heads = Head(cfg.dropout, cfg.flash)  # Head (below): one head's math, run for all heads at once
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)  # mixes the heads' outputs into the residual stream
         self.resid_dropout = nn.Dropout(cfg.dropout)
     def forward(self, x, cache=None):
@@ -121,7 +122,7 @@ class Head(nn.Module):
             # that grows with hs, so dividing by sqrt(hs) keeps it near 1 and the softmax soft, not one-hot.
             wei = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B,nh,T,hs) @ (B,nh,hs,S) -> (B,nh,T,S)
             # The mask hides later tokens, because the target of position t is token t + 1: no peeking.
-            mask = torch.ones_like(wei[0, 0], dtype=torch.bool).tril() if mask is None else mask  # (T, S)
+            mask = torch.ones_like(wei[0, 0], dtype=torch.bool).tril() if mask is None else mask  # (T, T)
             wei = wei.masked_fill(~mask, float('-inf')).softmax(dim=-1)  # row t: keys 0..t; exp(-inf) is 0
             return self.dropout(wei) @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs): a weighted mean
         # The same math fused into one kernel (flash attention) that never stores the scores; a test checks it
@@ -139,9 +140,9 @@ class Block(nn.Module):
     """Communication (attention), then computation (feed-forward), each added to the residual stream x.
     LayerNorm rescales each token's vector to mean 0 and variance 1, then applies a learned gain (scale) and
     bias (shift). Pre-norm (GPT-2) normalizes only what each part reads, x + f(LN(x)), so no LayerNorm sits on
-    the residual path: gradients reach the first blocks unchanged, however deep the stack (the first
-    transformer's post-norm, LN(x + f(x)), put one in the way of every block). But x itself is never
-    normalized and its scale grows with depth, so GPT applies ln_f once, before lm_head reads it."""
+    the residual path: gradients reach the first blocks unchanged, however deep the stack (post-norm, LN(x +
+    f(x)), as in the 2017 transformer, puts a LayerNorm on that path). But x itself is never normalized and
+    its scale grows with depth, so GPT applies ln_f once, before lm_head reads it."""
     def __init__(self, cfg):
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(cfg.n_embd), MultiHeadAttention(cfg)
@@ -196,13 +197,13 @@ def autocast():  # mixed precision if dtype asks: matmuls in bfloat16 (or float1
 @torch.no_grad()
 def estimate_loss(model, meta, splits=('train', 'val')):
     # A split of N tokens holds n = (N - 1) // T windows end to end (each needs T + 1 tokens: inputs and, one
-    # further, targets). k of the n, evenly spread, are scored: pick i is window i * n // k.
+    # further, targets). k of the n, evenly spread, are scored.
     model.eval()  # dropout off: the loss of the model itself, not of a randomly thinned copy
     out = {}
     for split in splits:
         n = (meta[f'{split}_tokens'] - 1) // block_size
         k = min(n, eval_iters * batch_size)  # with the defaults, all of Shakespeare's val split
-        starts = np.arange(k) * n // k * block_size
+        starts = np.arange(k) * n // k * block_size  # window i * n // k starts at token (i * n // k) * T
         total = torch.zeros((), device=device)
         for i in range(0, k, batch_size):
             x, y = get_batch(split, starts[i:i + batch_size])
@@ -211,7 +212,7 @@ def estimate_loss(model, meta, splits=('train', 'val')):
         out[split] = total.item() / k
     return out  # the model stays in eval mode (the sample after it too) until train_step
 def evaluate(model, meta):  # -> train loss, val loss, val bits per character, a sample of 100 tokens
-    with torch.compiler.set_stance('force_eager'):  # compiled for the training shapes only
+    with torch.compiler.set_stance('force_eager'):  # eval shapes differ: run uncompiled, not recompile
         train_loss, val_loss = estimate_loss(model, meta).values()
         torch.manual_seed(seed)  # the same seed at every eval: watch the same text improve
         out = model.generate(torch.zeros((1, 1), dtype=torch.long, device=device), 100)[0, 1:]
@@ -226,12 +227,12 @@ def get_lr(it):  # the learning rate of step it
     # average of gradient sizes, unreliable after few steps; full steps now could throw the weights far off.
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)  # it + 1: step 0's rate is not 0
-    if it >= lr_decay_iters:  # 3) after the decay, min_lr
-        return min_lr
     # 2) Decay, along a cosine to min_lr: big steps while the loss falls fast, then small ones, so that the
     # weights settle into the bottom of a valley instead of bouncing from side to side.
-    progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)  # 0 -> learning_rate, 1 -> min_lr
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+    if it < lr_decay_iters:
+        progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)  # 0 -> learning_rate, 1 -> min_lr
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+    return min_lr  # 3) after the decay
 def build(vocab_size, ckpt=None):  # the model, its AdamW optimizer and loss scaler: new, or as ckpt left them
     torch.manual_seed(seed)  # the same initial weights in every process
     model = GPT(GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout, flash)).to(device)
@@ -244,8 +245,8 @@ def build(vocab_size, ckpt=None):  # the model, its AdamW optimizer and loss sca
     scaler = torch.amp.GradScaler(enabled=dtype == 'float16')  # float16 only: small gradients would underflow
     # Exact resume. A checkpoint holds all the state that training changes: the model, the optimizer and the
     # scaler, the step, the best val loss and the settings (Run.save). The rate follows from the step, and
-    # each step reseeds (train_step), so a resumed run is bit for bit one that never stopped (on the CPU;
-    # GPUs may sum in another order).
+    # train_step reseeds from the step (no random state to save), so a resumed run is bit for bit one that
+    # never stopped (on the CPU; GPUs may sum in another order).
     if ckpt:
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])  # AdamW's moments: without them, the steps would differ
@@ -255,7 +256,7 @@ def build(vocab_size, ckpt=None):  # the model, its AdamW optimizer and loss sca
     return model, optimizer, scaler
 def train_step(model, optimizer, scaler, it):  # -> the mean loss as a tensor (.item() would wait for a GPU)
     model.train()  # dropout on (estimate_loss turned it off)
-    torch.manual_seed(hash((seed, it, rank)))  # per (seed, step, process): resumed, the same batches, dropout
+    torch.manual_seed(hash((seed, it, rank)))  # from seed, step, process (rank): resumed, the same batches
     for group in optimizer.param_groups:
         group['lr'] = get_lr(it)
     total = 0.0
@@ -264,7 +265,7 @@ def train_step(model, optimizer, scaler, it):  # -> the mean loss as a tensor (.
         if isinstance(model, DDP):  # under torchrun, average the gradients over processes once, at the end
             model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
         with autocast():
-            loss = model(x, y)[1] / gradient_accumulation_steps  # / N: the N summed make the mean's gradient
+            loss = model(x, y)[1] / gradient_accumulation_steps  # / N: N backward()s add up to the mean's
         scaler.scale(loss).backward()  # the gradient of the loss with respect to every parameter
         total += loss.detach()
     if grad_clip > 0:  # one unlucky batch cannot throw the weights far: the gradient's norm is capped

@@ -16,7 +16,7 @@ import sys
 import torch
 from torch.nn import functional as F
 
-from gpt import UserError, load_model, parse_args, pick_device, run_cli
+from gpt import CharTokenizer, UserError, load_model, parse_args, pick_device, run_cli
 
 out_dir = 'out'  # the training run to sample from; its ckpt.pt holds the weights with the best val loss
 start = '\n'  # the text every sample continues; FILE:path reads it from a file
@@ -270,8 +270,10 @@ def main(argv):
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, 'ckpt.pt')):
         path = os.path.join(path, 'last.pt') if os.path.isfile(os.path.join(path, 'last.pt')) else path
     model, tokenizer = load_model(path, dev)
-    if text == DEFAULTS['start'] and text not in tokenizer.decode(range(tokenizer.vocab_size)):
-        raise UserError("this model's vocabulary has no newline, the default start text; give one with --start=TEXT")
+    if isinstance(tokenizer, CharTokenizer) and (unknown := sorted(set(text) - tokenizer.stoi.keys())):  # BPE: any
+        raise UserError("this model's vocabulary has no newline, the default start text; give one with --start=TEXT"
+                        if text == DEFAULTS['start'] else
+                        f"characters not in the model's vocabulary: {''.join(unknown)!r}; remove them")
     prompt = tokenizer.encode(text)
     idx = torch.tensor([prompt], dtype=torch.long, device=dev)
     stop = cfg['stop']

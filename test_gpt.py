@@ -155,18 +155,17 @@ class SuiteWithLaunchesAhead(unittest.TestSuite):
             return [(launch, tuple(args)) for test, started in launches.items() if test in selected
                     for launch, *args in started]
         forking = of_selected({  # run now, one after the other, before the background thread starts
+            'TestTorchrunAgreement.test_a_nan_on_one_process_or_a_full_disk_on_another_ends_every_process_with_'
+            'one_line': [(two_processes_with_a_fault, 'nan_on_rank_1'), (two_processes_with_a_fault,
+                                                                         'full_disk_on_rank_0')],
             'TestScalingUp.test_a_ddp_step_on_two_processes_equals_one_step_on_both_batches':
                 [(ddp_step_on_two_processes,)],
             'TestReliability.test_a_kill_during_the_first_checkpoint_write_leaves_a_folder_a_new_run_starts_in':
                 [(killed_during_the_first_checkpoint_write,)]})
         in_background = of_selected({  # started in this order
-            'TestCrossPlatformAndMemory.test_the_scripts_import_and_run_without_posix_only_modules_as_on_windows':
-                [(without_posix_only_modules,)],
+            'TestBench.test_ctrl_c_during_bench_target_stops_gpt_py_and_deletes_its_folder': [(ctrl_c_during_bench_target,)],
             'TestCheckpointAndConfig.test_end_to_end_a_fresh_folder_prepares_its_data_trains_and_samples':
                 [(gpt_py_in_a_fresh_folder,)],
-            'TestTorchrunAgreement.test_a_nan_on_one_process_or_a_full_disk_on_another_ends_every_process_with_'
-            'one_line': [(torchrun_with_a_fault, 'nan_on_rank_1'), (torchrun_with_a_fault, 'full_disk_on_rank_0'),
-                         (torchrun_with_a_fault, 'out_dir_is_a_file')],
             'TestScalingUp.test_torchrun_with_two_cpu_processes_trains_and_saves_a_checkpoint_'
             'sample_py_reads': [(torchrun_trains_on_two_cpu_processes,)]})
         with contextlib.ExitStack() as stack:  # on the way out: no launch left waiting, then no folder left
@@ -223,10 +222,11 @@ class TestTokenizerAndData(DataDirTest):
         self.assertEqual(tok.decode(tok.encode(TEXT)), TEXT)
         self.assertEqual(tok.vocab_size, len(set(TEXT)))
 
-    def test_unknown_character_is_a_clear_error(self):
-        tok = gpt.load_tokenizer(self.meta['tokenizer'])
-        with self.assertRaisesRegex(gpt.UserError, "'Zé'"):
-            tok.encode('Zé')
+    def test_a_prompt_with_characters_outside_the_vocabulary_is_a_clear_error(self):
+        model, tok = tiny_model(vocab_size=self.meta['vocab_size']), gpt.load_tokenizer(self.meta['tokenizer'])
+        with mock.patch.object(sample, 'load_model', lambda path, device: (model, tok)):
+            code, _, err = cli('sample.py', ['--start=Sing Zé', '--device=cpu'])
+        self.assertEqual((code, err), (2, "error: characters not in the model's vocabulary: 'Zé'; remove them\n"))
 
     def test_prepare_writes_first_90_percent_to_train_and_rest_to_val_as_uint16(self):
         tok = gpt.load_tokenizer(self.meta['tokenizer'])
@@ -1151,39 +1151,54 @@ class TestDevicesAndRuns(DataDirTest):
         self.assertEqual((stop.exception.code, err.getvalue()), (130, 'error: stopped by Ctrl-C\n'))
 
 
-_TORCHRUN_DRIVER = """import os, sys, errno
-from unittest import mock
-sys.path.insert(0, {here!r})
-import gpt
-fault = sys.argv.pop(1)
-if fault == 'nan_on_rank_1' and os.environ['RANK'] == '1':  # process 1 alone sees a nan loss from step 3 on
-    forward = gpt.GPT.forward
-    def nan_forward(self, idx, targets=None, cache=None):
-        logits, loss = forward(self, idx, targets, cache)
-        nan_forward.calls += self.training
-        return logits, (loss * float('nan') if loss is not None and nan_forward.calls > 3 else loss)
-    nan_forward.calls = 0
-    gpt.GPT.forward = nan_forward
-if fault == 'full_disk_on_rank_0' and os.environ['RANK'] == '0':  # process 0's second save hits a full disk
-    fsync, calls = os.fsync, []
-    def full(fd):
-        calls.append(fd)
-        if len(calls) > 2:
-            raise OSError(errno.ENOSPC, 'No space left on device')
-        fsync(fd)
-    gpt.os.fsync = full
-gpt.run_cli(gpt.main)
-"""
+def _one_process_of_two_with_a_fault(rank, fault, rendezvous, args, log):
+    """A child: gpt.py's command line as process `rank` of two, as torchrun starts it (its variables set), the
+    processes meeting through a file rather than a port, with `fault` in one of them; its output into log."""
+    output = os.open(log, os.O_WRONLY | os.O_CREAT)
+    for printed_to in (1, 2):  # stdout and stderr: to the log
+        os.dup2(output, printed_to)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2')
+    torch.set_num_threads(1)
+    init = dist.init_process_group
+    dist.init_process_group = lambda backend: init(backend, init_method=f'file://{rendezvous}', rank=rank,
+                                                   world_size=2)
+    if fault == 'nan_on_rank_1' and rank == 1:  # process 1 alone sees a nan loss from its step 3 on
+        forward = gpt.GPT.forward
+
+        def nan_forward(model, idx, targets=None, cache=None):
+            logits, loss = forward(model, idx, targets, cache)
+            nan_forward.calls += model.training
+            return logits, (loss * float('nan') if loss is not None and nan_forward.calls > 3 else loss)
+        nan_forward.calls = 0
+        gpt.GPT.forward = nan_forward
+    if fault == 'full_disk_on_rank_0' and rank == 0:  # process 0's second save hits a full disk
+        fsync, calls = os.fsync, []
+
+        def full(fd):
+            calls.append(fd)
+            if len(calls) > 2:
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            fsync(fd)
+        gpt.os.fsync = full
+    gpt.run_cli(gpt.main, args)
 
 
-def torchrun_with_a_fault(folder, fault):
-    """torchrun of gpt.py on two CPU processes, training on folder/data, with `fault` in one of them."""
-    driver = os.path.join(folder, f'driver_{fault}.py')
-    pathlib.Path(driver).write_text(_TORCHRUN_DRIVER.format(here=HERE))
-    if fault == 'out_dir_is_a_file':  # process 0 alone finds out, as it makes the folder
-        pathlib.Path(folder, fault).write_text('not a folder')
-    return completed([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', driver,
-                      fault, *training_args(folder, fault, eval_interval=4)], cwd=HERE, OMP_NUM_THREADS='1')
+def two_processes_with_a_fault(folder, fault):
+    """gpt.py's command line as two processes of one run (forked: they share this one's imports), training on
+    folder/data, with `fault` in one of them: [(exit code, what it printed)] of each."""
+    from torch import _dynamo  # noqa: F401  what torch imports at an optimizer's first step: here, once
+    fork = multiprocessing.get_context('fork')
+    logs = [os.path.join(folder, f'{fault}_{rank}.log') for rank in range(2)]
+    children = [fork.Process(target=_one_process_of_two_with_a_fault, args=(
+        rank, fault, os.path.join(folder, f'{fault}_rendezvous'), training_args(folder, fault, eval_interval=4),
+        logs[rank])) for rank in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(120)
+        if child.exitcode is None:  # a hang: as subprocess.run's timeout would
+            child.kill()
+    return [(child.exitcode, pathlib.Path(log).read_text()) for child, log in zip(children, logs)]
 
 
 class TestTorchrunAgreement(DataDirTest):
@@ -1191,15 +1206,15 @@ class TestTorchrunAgreement(DataDirTest):
 
     def test_a_nan_on_one_process_or_a_full_disk_on_another_ends_every_process_with_one_line(self):
         for fault, line in (('nan_on_rank_1', 'error: the loss is nan at iter 4'),
-                            ('full_disk_on_rank_0', 'error: cannot write to'),
-                            ('out_dir_is_a_file', 'error: cannot write to')):
+                            ('full_disk_on_rank_0', 'error: cannot write to')):
             with self.subTest(fault):
-                r = launched(self.dir, torchrun_with_a_fault, fault)  # started ahead; a hang would end in the timeout
-                self.assertNotEqual(r.returncode, 0)
-                ours = [l for l in r.stderr.splitlines() if l.startswith('error: ')]
-                self.assertEqual(len(ours), 1, r.stderr[-3000:])
+                ended = launched(self.dir, two_processes_with_a_fault, fault)  # run ahead; a hang: the timeout
+                self.assertTrue(all(code not in (0, None) for code, _ in ended), ended)  # both ended, failed
+                printed = ''.join(log for _, log in ended)
+                ours = [l for l in printed.splitlines() if l.startswith('error: ')]
+                self.assertEqual(len(ours), 1, printed[-3000:])  # process 0 speaks for all
                 self.assertTrue(ours[0].startswith(line), ours)
-                self.assertNotIn('Traceback (most recent call last):\n  File "' + HERE, r.stderr)
+                self.assertNotIn('Traceback (most recent call last)', printed)
 
 
 class TestTrainingSteps(DataDirTest):
@@ -1623,6 +1638,25 @@ class TestPrepareAndTheDisk(DataDirTest):
         self.assertRegex(out, r'--vocab_size=1024 .*\d s .*8192')
 
 
+def ctrl_c_during_bench_target(folder):
+    """`python bench.py target` on folder/data, sent Ctrl-C once gpt.py trains: (the number of temporary
+    folders then, its exit code, its stderr, the temporary folders left)."""
+    scratch = os.path.join(folder, 'tmp')
+    os.makedirs(scratch)
+    tiny = dict(data_dir=os.path.join(folder, 'data'), device='cpu', n_layer=1, n_head=2, n_embd=16, block_size=16,
+                batch_size=4, eval_iters=2, warmup_iters=2, max_iters=100000, lr_decay_iters=100000)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'bench.py'), 'target', '--target_loss=0.01',
+                             *(f'--{k}={v}' for k, v in tiny.items())], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**ENVIRONMENT, 'TMPDIR': scratch})
+    for line in proc.stdout:
+        if ' s  iter 0: ' in line:  # gpt.py is training
+            break
+    training = len(os.listdir(scratch))
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    return training, proc.returncode, stderr, os.listdir(scratch)
+
+
 def table_rows(text):  # the rows of the Markdown tables in text, as lists of cells
     return [[c.strip() for c in line.strip().strip('|').split('|')] for line in text.splitlines()
             if line.startswith('| ') and not line.startswith('| --')]
@@ -1685,20 +1719,19 @@ class TestBench(DataDirTest):
             code, out, err = cli_bench(['train', *self.tiny(), '--iters=2', '--warmup=1', '--repeats=1'])
             self.assertEqual((code, err), (0, ''))
             self.assertIn('ms/iter (median)', out)
-            code, out, err = cli_bench(['target', *self.tiny(max_iters=100000, eval_interval=5), '--target_loss=100'])
+            code, out, err = cli_bench(['target', *self.tiny(max_iters=100000, lr_decay_iters=100000, eval_interval=3,
+                                                             log_interval=1), '--target_loss=100'])
             self.assertEqual((code, err), (0, ''))
-            self.assertIn('reached at iter 0', out)
         self.assertEqual((os.listdir(scratch), os.environ.get('TORCHINDUCTOR_CACHE_DIR')), ([], cache))
+        # bench.py target stops gpt.py at its first eval at or below the target: here iter 0, before any step
+        self.assertRegex(out, r'\| val loss <= 100.0: reached at iter 0 \(val loss \d\.\d+\) +\| \d+\.\d +\|')
+        self.assertRegex(out, r'\| first step line \(iter -, compile included\) +\| - +\|')
+        self.assertRegex(out, r'\n +\d+\.\d\d s  iter 0: train loss ')  # each line, time-stamped
 
-    def test_bench_target_stops_gpt_py_at_the_first_eval_at_or_below_the_target(self):
+    def test_bench_target_reports_a_target_that_gpt_py_never_reaches(self):
         cfg = {**bench.TARGET, 'target_loss': 100.0, 'data_dir': self.data_dir, 'device': 'cpu', 'n_layer': 1,
                'n_head': 2, 'n_embd': 16, 'block_size': 16, 'batch_size': 4, 'eval_iters': 2, 'log_interval': 1,
                'max_iters': 100000, 'lr_decay_iters': 100000, 'eval_interval': 3, 'warmup_iters': 2}
-        with contextlib.redirect_stdout(io.StringIO()) as out:
-            found = bench.bench_target(cfg)
-        self.assertEqual((found['iter'], 'first_step_s' in found), (0, False))  # stopped before its first step
-        self.assertLessEqual(found['first_line_s'], found['target_s'])
-        self.assertRegex(out.getvalue(), r'\n +\d+\.\d\d s  iter 0: train loss ')  # each line, time-stamped
         with contextlib.redirect_stdout(io.StringIO()) as out:  # a target never reached: gpt.py ends by itself
             found = bench.bench_target({**cfg, 'target_loss': 0.01, 'max_iters': 6, 'lr_decay_iters': 6})
         self.assertEqual((found['iter'], found['first_step_iter'], 'target_s' in found), (6, 1, False))
@@ -1709,18 +1742,9 @@ class TestBench(DataDirTest):
         self.assertEqual((code, err), (2, 'error: --n_embd=16 must be a multiple of --n_head\n'))
 
     def test_ctrl_c_during_bench_target_stops_gpt_py_and_deletes_its_folder(self):
-        scratch = os.path.join(self.dir, 'tmp')
-        os.makedirs(scratch)
-        proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'bench.py'), 'target', '--target_loss=0.01',
-                                 *self.tiny(max_iters=100000, lr_decay_iters=100000)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env={**os.environ, 'TMPDIR': scratch})
-        for line in proc.stdout:
-            if ' s  iter 0: ' in line:  # gpt.py is training
-                break
-        self.assertEqual(len(os.listdir(scratch)), 1)  # its folder
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-        self.assertEqual((proc.returncode, stderr, os.listdir(scratch)), (130, 'error: stopped by Ctrl-C\n', []))
+        training, returncode, stderr, left = launched(self.dir, ctrl_c_during_bench_target)  # see launched
+        self.assertEqual(training, 1)  # while gpt.py trained, its temporary folder was there
+        self.assertEqual((returncode, stderr, left), (130, 'error: stopped by Ctrl-C\n', []))
 
     def test_cuda_tests_are_counted_from_the_unittest_report_and_the_compiled_test_found(self):
         self.assertIn(bench.COMPILE_TEST, unittest.defaultTestLoader.getTestCaseNames(TestCUDA))
@@ -2000,31 +2024,6 @@ def expected_samples(out_dir, start, num_samples, max_new_tokens, temperature=0.
     return [tok.decode(row) for row in out.tolist()]
 
 
-_WINDOWS_DRIVER = """import os, sys
-import numpy, torch  # imported first: on Windows they need no fcntl either
-sys.modules['fcntl'] = sys.modules['resource'] = None  # `import fcntl` now fails, as on Windows
-del os.sysconf
-print('blocked: fcntl resource sysconf')
-sys.path.insert(0, {here!r})
-import gpt, prepare, sample, bench  # noqa: E401
-folder = sys.argv[1]
-prepare.prepare(os.path.join(folder, 'input.txt'), os.path.join(folder, 'win-data'))
-gpt.main(['--data_dir=' + os.path.join(folder, 'win-data'), '--out_dir=' + os.path.join(folder, 'win'), '--device=cpu',
-          '--n_layer=1', '--n_head=2', '--n_embd=16', '--block_size=16', '--batch_size=4', '--max_iters=2',
-          '--lr_decay_iters=2', '--warmup_iters=1', '--eval_iters=1', '--log_interval=1'])
-sample.main(['--out_dir=' + os.path.join(folder, 'win'), '--device=cpu', '--start=Sing', '--max_new_tokens=5'])
-bench.main(['plot', '--out_dir=' + os.path.join(folder, 'win')])
-"""
-
-
-def without_posix_only_modules(folder):
-    """The four scripts imported and a tiny prepare -> train -> sample -> plot run in a process where fcntl and
-    resource cannot be imported and os.sysconf is gone, as on Windows."""
-    driver = os.path.join(folder, 'windows_driver.py')
-    pathlib.Path(driver).write_text(_WINDOWS_DRIVER.format(here=HERE))
-    return completed([sys.executable, driver, folder], cwd=folder)
-
-
 def stdout_over_a_pipe(unbuffered):
     """(the read end of a new pipe, a text stdout writing into it) as Python sets up sys.stdout for a pipe:
     block-buffered, or written through with PYTHONUNBUFFERED set."""
@@ -2180,7 +2179,8 @@ class TestWhatAResumeKeeps(DataDirTest):
         self.assertIn("Resume with: python gpt.py --init_from=resume --out_dir='my run'", out)
         os.makedirs('elsewhere')
         os.chdir('elsewhere')  # where no 'data' folder is
-        code, out, err = cli('gpt.py', ['--init_from=resume', f'--out_dir={self.dir}/my run', '--device=cpu'])
+        code, out, err = cli('gpt.py', ['--init_from=resume', f'--out_dir={self.dir}/my run', '--device=cpu',
+                                        '--max_iters=6'])
         self.assertEqual(code, 0, err)
         self.assertIn('resuming at iter 4', out)
         self.assertFalse(os.path.exists('data'))  # it ran no prepare.py here: it found the run's data
@@ -2189,11 +2189,26 @@ class TestWhatAResumeKeeps(DataDirTest):
 class TestCrossPlatformAndMemory(DataDirTest):
 
     def test_the_scripts_import_and_run_without_posix_only_modules_as_on_windows(self):
-        r = launched(self.dir, without_posix_only_modules)  # started ahead: see launched
-        self.assertEqual(r.returncode, 0, r.stderr[-3000:])
-        self.assertIn('iter 2: train loss', r.stdout)
-        self.assertIn('wrote ', r.stdout)  # bench.py plot
-        self.assertIn('blocked: fcntl resource sysconf', r.stdout)  # the driver did block them
+        """The four scripts imported afresh, and a tiny prepare -> train -> sample -> plot run by them, while
+        fcntl and resource cannot be imported and os.sysconf is gone (torch and numpy were imported before:
+        on Windows they need none of these either)."""
+        sysconf, out = os.sysconf, os.path.join(self.dir, 'win')
+        del os.sysconf
+        self.addCleanup(setattr, os, 'sysconf', sysconf)
+        with mock.patch.dict(sys.modules, {'fcntl': None, 'resource': None}):  # `import fcntl` fails
+            for name in ('gpt', 'prepare', 'sample', 'bench'):
+                del sys.modules[name]  # mock.patch.dict puts the ones imported before back afterwards
+            fresh = {name: __import__(name) for name in ('gpt', 'prepare', 'sample', 'bench')}
+            printed = output_of(lambda: (
+                fresh['prepare'].prepare(self.input, f'{out}-data'),
+                fresh['gpt'].main(training_args(self.dir, out, data_dir=f'{out}-data', max_iters=2,
+                                                lr_decay_iters=2, eval_interval=2)),
+                fresh['sample'].main([f'--out_dir={out}', '--device=cpu', '--start=Sing', '--max_new_tokens=5']),
+                fresh['bench'].main(['plot', f'--out_dir={out}'])))
+        self.assertIsNot(fresh['gpt'], gpt)  # run by the fresh modules
+        self.assertIn('iter 2: train loss', printed)
+        self.assertIn('\nSing', printed)
+        self.assertIn(f'wrote {out}/loss.svg', printed)
 
     def test_running_out_of_memory_ends_in_one_line_naming_what_to_lower(self):
         for error in (torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB'),
@@ -2206,6 +2221,18 @@ class TestCrossPlatformAndMemory(DataDirTest):
         with mock.patch.object(gpt, 'train_step', side_effect=RuntimeError('some other failure')), \
                 self.assertRaisesRegex(RuntimeError, 'some other failure'):  # not memory: a real traceback
             cli('gpt.py', self.train_args(out='other'))
+
+    def test_when_process_0_cannot_make_out_dir_every_process_ends_in_one_line(self):
+        """torchrun --out_dir=A_FILE: process 0 alone makes the folder; the others hear of its failure from
+        the agreement, instead of going on to wait for it in their next collective operation."""
+        model, optimizer, scaler = quiet(gpt.build, self.meta['vocab_size'])
+        for rank, printed in ((0, f'error: cannot write to {self.input}/ (a file or a link has that name)\n'), (1, '')):
+            with self.subTest(rank=rank), mock.patch.multiple(gpt, rank=rank, world_size=2, out_dir=self.input), \
+                    mock.patch.object(gpt, 'agree', side_effect=lambda value, op=None: float(value) + (rank == 1)):
+                err = io.StringIO()  # process 1 adds the failure that process 0 met: 1 in all
+                with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as stop:
+                    quiet(gpt.run_cli, lambda argv: gpt.Run(model, optimizer, scaler, self.meta, None), [])
+                self.assertEqual((stop.exception.code, err.getvalue()), (2, printed))  # process 0 speaks for all
 
     def test_only_process_0_serializes_and_writes_the_checkpoint(self):
         quiet(gpt.main, self.train_args(max_iters=2, lr_decay_iters=2))
