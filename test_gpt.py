@@ -1104,7 +1104,7 @@ class TestDevicesAndRuns(DataDirTest):
         self.cuda_setup((9, 0), '--n_layer=2', '--batch_size=8')  # 'auto' picks the GPU; given settings stay
         self.assertEqual((gpt.device, gpt.n_layer, gpt.batch_size, gpt.n_embd), ('cuda:0', 2, 8, 384))
         gpt.setup(gpt.parse_args([f'--data_dir={self.data_dir}', '--device=cpu'], gpt.DEFAULTS, gpt.__file__))
-        self.assertEqual((gpt.n_layer, gpt.n_embd, gpt.block_size), (4, 128, 64))  # the CPU defaults stay
+        self.assertEqual((gpt.n_layer, gpt.n_embd, gpt.block_size), (2, 128, 64))  # the CPU defaults stay
 
     def test_bfloat16_only_where_the_gpu_has_it_and_compile_only_where_triton_can(self):
         for capability, dtype, compiled in (((9, 0), 'bfloat16', True), ((8, 0), 'bfloat16', True),
