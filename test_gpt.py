@@ -960,7 +960,7 @@ class TestReliability(DataDirTest):
             ('gpt.py', train + [f'--out_dir={d}/dangling'], '(a file or a link has that name)'),
             ('gpt.py', train + ['--out_dir='], '--out_dir is empty; name a folder'),
             ('gpt.py', train + ['--warmup_iters=20'], '--lr_decay_iters=12 must be at least --warmup_iters=20'),
-            ('gpt.py', train + ['--min_lr=1'], '--min_lr=1.0 must be at most --learning_rate=0.004'),
+            ('gpt.py', train + ['--min_lr=1'], '--min_lr=1.0 must be at most --learning_rate=0.01'),
             ('gpt.py', train + ['--grad_clip=nan'], '--grad_clip=nan must be zero (no clipping) or more'),
             ('gpt.py', train + ['--weight_decay=inf'], '--weight_decay=inf must be zero or more, and finite'),
             ('prepare.py', [f'--input={d}/a_folder', f'--data_dir={d}/x'], 'is a folder; pass the path of a UTF-8'),
