@@ -24,7 +24,7 @@ lr_decay_iters = 5000  # the step where the cosine decay reaches min_lr (usually
 min_lr = 1e-4  # the learning rate after the decay (learning_rate / 100: the last steps settle finely)
 weight_decay = 0.1  # how strongly AdamW pulls weight matrices and embeddings towards zero
 beta1 = 0.9  # AdamW's momentum: how much of the past gradients each step keeps
-beta2 = 0.99  # AdamW's memory of squared gradients, which sets each weight's own step size
+beta2 = 0.95  # AdamW's memory of squared gradients, which sets each weight's own step size (short: fast runs)
 grad_clip = 1.0  # the largest gradient norm a step may take (larger ones are scaled down); 0 turns it off
 gradient_accumulation_steps = 1  # micro-batches per step: a step sees batch_size x this x processes rows
 # Watching the run

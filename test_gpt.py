@@ -1043,7 +1043,7 @@ class TestReliability(DataDirTest):
             return real_step(model, optimizer, scaler, it)
         stop_at_once.first = 0
         odd = dict(n_layer=1, n_head=3, n_embd=24, block_size=12, batch_size=3, dropout=0.1, learning_rate=3e-3,
-                   weight_decay=0.05, beta2=0.95, grad_clip=0.5, seed=7, warmup_iters=5, min_lr=1e-4,
+                   weight_decay=0.05, beta2=0.9, grad_clip=0.5, seed=7, warmup_iters=5, min_lr=1e-4,
                    max_iters=100, lr_decay_iters=90, eval_interval=50, eval_iters=3, log_interval=7)
         with mock.patch.object(gpt, 'train_step', stop_at_once):
             code, _, err = cli('gpt.py', self.train_args(out='odd', **odd))
