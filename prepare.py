@@ -9,7 +9,7 @@ ids to data_dir/train.bin and data_dir/val.bin as uint16, and data_dir/meta.json
 token and character counts. Characters are read in chunks, so memory stays small whatever the size of the
 file; BPE learns its merges on the whole train split, in memory (about 150 MB per MB of text).
 """
-import array, collections, heapq, json, os, urllib.request  # noqa: E401
+import array, collections, hashlib, heapq, json, os, urllib.request  # noqa: E401
 
 import numpy as np
 
@@ -113,6 +113,18 @@ def train_bpe(ids, vocab_size):
     return merges, ids[ids >= 0]
 
 
+def data_hash(tok_meta, paths):
+    """A fingerprint of the data: SHA-256 of the tokenizer and of both token files. gpt.py stores it in each
+    checkpoint, so that a resume on other data (another text, or the same one tokenized otherwise) is refused."""
+    h = hashlib.sha256(json.dumps(tok_meta, sort_keys=True).encode('utf-8'))
+    for path in paths:
+        h.update(b'\0')  # where one file ends and the next begins
+        with open(path, 'rb') as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def prepare(input_path, data_dir, tokenizer='char', vocab_size=1024):
     """Write train.bin, val.bin and meta.json for the text in input_path; returns the meta dict."""
     if not os.path.isfile(input_path):  # a folder or a pipe cannot be read twice, as the two passes do
@@ -163,7 +175,8 @@ def prepare(input_path, data_dir, tokenizer='char', vocab_size=1024):
                     done += len(ids)
         sizes = {split: os.path.getsize(paths[f'{split}.bin'] + '.tmp') // 2 for split in ('train', 'val')}
         meta = {'tokenizer': tok_meta, 'vocab_size': tok.vocab_size, 'source': input_path, 'train_tokens':
-                sizes['train'], 'val_tokens': sizes['val'], 'train_chars': n_train, 'val_chars': n - n_train}
+                sizes['train'], 'val_tokens': sizes['val'], 'train_chars': n_train, 'val_chars': n - n_train,
+                'hash': data_hash(tok_meta, [paths['train.bin'] + '.tmp', paths['val.bin'] + '.tmp'])}
         with open(paths['meta.json'] + '.tmp', 'w', encoding='utf-8') as f:
             json.dump(meta, f, ensure_ascii=False, indent=1)
         if os.path.exists(paths['meta.json']):  # until the new one is in place, the folder is marked incomplete

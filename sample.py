@@ -310,5 +310,14 @@ def main(argv):
     for i, row in enumerate(out.tolist()):
         write((until_stop(row)[printed:] if stream else f"{'-' * 20} sample {i + 1}\n{until_stop(row)}") + '\n')
 
+def main_in_memory(argv):
+    """main, with out of memory ended in one line that names what to lower."""
+    try:
+        main(argv)
+    except (MemoryError, RuntimeError) as e:  # torch says "can't allocate" (CPU) or "Tried to allocate" (GPUs)
+        if isinstance(e, RuntimeError) and 'allocate' not in str(e):
+            raise
+        raise UserError(f"out of memory; lower {LOWER}") from None
+
 if __name__ == '__main__':
-    run_cli(main, lower=LOWER)
+    run_cli(main_in_memory)
