@@ -1,19 +1,20 @@
 """
-Benchmarks and the loss chart. Numbers come from real runs on the machine at hand; nothing here is timed
-by the unit tests.
+Benchmarks, the loss chart and the attention picture. Numbers come from real runs on the machine at hand;
+nothing here is timed by the unit tests.
 
     python bench.py train [--key=value ...]    # ms/iter, tokens/s, MFU and peak memory of training steps
     python bench.py target [--key=value ...]   # seconds from `python gpt.py ...` starting to a val loss target
     python bench.py sample [--key=value ...]   # generation speed with and without the KV cache
     python bench.py plot --out_dir=out         # out/loss.svg: the train and val loss in out/log.csv
+    python bench.py attention --out_dir=out    # out/attention.svg: what each attention head reads in --start
     python bench.py gpu [--dry=true]           # every GPU figure in one table, each against its target
 
 train and target take every gpt.py setting too (--n_layer=6 ...) but out_dir and init_from: they train a
 new model, with a temporary folder (deleted after) for its files and for torch.compile's cache, so that
 each compile is timed from cold. `python bench.py --help` lists each mode's own keys.
 """
-import contextlib, csv, datetime, math, os, pathlib, platform, re, statistics, subprocess, sys, tempfile, \
-    threading, time, traceback  # noqa: E401
+import contextlib, csv, datetime, html, itertools, math, os, pathlib, platform, re, statistics, subprocess, sys, \
+    tempfile, threading, time, traceback  # noqa: E401
 
 import torch
 
@@ -38,7 +39,11 @@ SAMPLE = {  # the reference model, with random weights: the timing does not depe
     'device': 'auto',  # 'auto' picks cuda, then mps, then cpu
 }
 PLOT = {
-    'out_dir': 'out',  # the run whose log.csv is drawn, into loss.svg beside it
+    'out_dir': 'out',  # the training run's folder: the picture is drawn from its files, into an SVG beside them
+}
+ATTENTION = {
+    'out_dir': 'out',  # the training run's folder: the picture is drawn from its files, into an SVG beside them
+    'start': 'ROMEO: But soft',  # the prompt whose attention is drawn (its last 64 tokens, or block_size, at most)
 }
 GPU = {
     'dry': False,  # true: every step at a tiny size on the CPU, to check the script itself (CI does)
@@ -99,21 +104,21 @@ def bench_train(cfg):
     does) timed apart, then the median ms/iter of the repeats. Prints a table; returns its figures."""
     with scratch_folder() as tmp:
         _, meta = gpt.setup({**{k: v for k, v in cfg.items() if k in gpt.DEFAULTS}, 'out_dir': f'{tmp}/out'})
-        model, optimizer, scaler = gpt.build(meta['vocab_size'])
+        model, optimizer = gpt.build(meta['vocab_size'])
         cuda = gpt.device.startswith('cuda')
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        gpt.train_step(model, optimizer, scaler, 0).item()  # .item() waits for the device
+        gpt.train_step(model, optimizer, 0).item()  # .item() waits for the device
         first_s = time.perf_counter() - t0
         for it in range(1, cfg['warmup']):
-            gpt.train_step(model, optimizer, scaler, it)
+            gpt.train_step(model, optimizer, it)
         times, it = [], max(1, cfg['warmup'])
         for _ in range(cfg['repeats']):
             sync(gpt.device)
             t0 = time.perf_counter()
             for _ in range(cfg['iters']):
-                loss = gpt.train_step(model, optimizer, scaler, it)
+                loss = gpt.train_step(model, optimizer, it)
                 it += 1
             loss.item()
             times.append((time.perf_counter() - t0) / cfg['iters'])
@@ -286,6 +291,180 @@ def bench_plot(cfg):
              else ''))
 
 
+# `bench.py attention`: what each head reads. A pattern maps the prompt's tokens (their texts) to a (T, T)
+# mask: row t marks the one earlier token that the pattern reads from token t (no mark: none to read). These
+# are the patterns that the default model's heads showed on Shakespeare.
+def tokens_back(k):
+    return lambda texts: torch.ones(len(texts), len(texts), dtype=torch.bool).tril(-k).triu(-k)  # s = t - k
+
+
+def last_newline(texts):  # the latest newline before token t: where the line of t begins
+    mask = torch.zeros(len(texts), len(texts), dtype=torch.bool)
+    newline = None
+    for t, text in enumerate(texts):
+        if newline is not None:
+            mask[t, newline] = True
+        if '\n' in text:
+            newline = t
+    return mask
+
+
+PATTERNS = {'previous token': tokens_back(1), '2 tokens back': tokens_back(2), '3 tokens back': tokens_back(3),
+            'the last newline': last_newline}
+MOST_TOKENS = 64  # the longest prompt whose heatmaps stay legible
+
+
+def attention_weights(model, idx):
+    """The attention weights of every head on the tokens idx (1, T): (n_layer, nh, T, T), where row t holds
+    how much token t reads each token s <= t. They are the model's own: each Head runs its written-out math
+    (softmax of q.k / sqrt(hs) under the causal mask) for this forward, and a hook on its dropout keeps what
+    goes in, the weights themselves (in eval mode dropout changes nothing)."""
+    weights = []
+
+    def keep(module, inputs, output):
+        weights.append(inputs[0][0])  # (nh, T, T): the batch's one row
+
+    hooks = []
+    for block in model.blocks:
+        block.attn.heads.flash = False
+        hooks.append(block.attn.heads.dropout.register_forward_hook(keep))
+    try:
+        with torch.no_grad():
+            model(idx)
+    finally:
+        for block, hook in zip(model.blocks, hooks):
+            block.attn.heads.flash = model.config.flash
+            hook.remove()
+    return torch.stack(weights)
+
+
+def caption(wei, texts):
+    """What one head (wei: its (T, T) weights) mostly does: a pattern, and the share of the head's weight that
+    goes to the pattern's token, averaged over the rows where the pattern has one (row 0 aside: the first token
+    can only read itself). A pattern names the head only if it gets a fifth of the weight or more, and 3 times
+    what chance would give it: an even spread, 1 / (t + 1) on each token 0..t. A head that no pattern names
+    spreads its weight out; its share then says how much of each row lies as an even spread would put it."""
+    even = torch.ones_like(wei).tril() / torch.arange(1, len(texts) + 1)[:, None]  # (T, T)
+    shares = {}
+    for name, pattern in PATTERNS.items():
+        mask = pattern(texts)[1:]
+        rows = mask.any(dim=1)
+        if rows.any():
+            share = (wei[1:] * mask).sum(dim=1)[rows].mean().item()
+            chance = (even[1:] * mask).sum(dim=1)[rows].mean().item()
+            if share >= max(0.2, 3 * chance):
+                shares[name] = share
+    if not shares:
+        return 'spread evenly', torch.minimum(wei, even)[1:].sum(dim=1).mean().item()
+    best = max(shares, key=shares.get)
+    return best, shares[best]
+
+
+def visible(text):  # a token's text as a label: space and newline shown, other unprintables escaped
+    shown = {' ': '␣', '\n': '⏎', '\t': '⇥'}
+    return ''.join(shown.get(c, c if c.isprintable() else c.encode('unicode_escape').decode()) for c in text)
+
+
+def draw_attention(weights, texts, captions, notes):
+    """An SVG of the weights (n_layer, nh, T, T): a heatmap per head, layers down and heads across, with the
+    tokens' texts on both axes, each head's caption under it, and the lines of notes above. Each run of cells
+    of one shade in a row is one line of a path, one path per shade: 36 heads of 64 x 64 cells as an element
+    each would take 6 MB. Above the diagonal, grey: a token cannot read later ones."""
+    L, nh, T, _ = weights.shape
+    shades = [f'#{round(255 - 247 * i / 15):02x}{round(255 - 207 * i / 15):02x}{round(255 - 148 * i / 15):02x}'
+              for i in range(16)]  # white to dark blue, for weights 0 to 1
+    levels = (weights * 15).round().int().tolist()
+    labels = [html.escape(visible(text)) for text in texts]
+    cell = max(10, min(16, 320 // T))  # pixels per cell, and the labels' font a little smaller
+    font = cell - 2
+    wide = round(max(len(visible(text)) for text in texts) * font * 0.62 + 4)  # room for the longest label
+    upright = wide < cell + 4  # one-character labels stand under their columns; longer ones are turned
+    side = T * cell  # of a heatmap
+    under = font + 4 if upright else wide
+    panel_w, panel_h = max(wide + side, 240) + 24, 18 + side + under + 36
+    top = 20 * len(notes) + 40
+    W, H = 10 + nh * panel_w, top + L * panel_h
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+           'font-size="12">', f'<rect width="{W}" height="{H}" fill="white"/>']
+    out += [f'<text x="10" y="{20 + 20 * i}">{html.escape(line)}</text>' for i, line in enumerate(notes)]
+    out += [f'<rect x="{90 + 12 * i}" y="{top - 30}" width="12" height="12" fill="{shade}"/>'
+            for i, shade in enumerate(shades)]
+    out += [f'<text x="10" y="{top - 20}">weight: 0</text>', f'<text x="{96 + 12 * 16}" y="{top - 20}">1</text>']
+    for l, h in itertools.product(range(L), range(nh)):
+        name, share = captions[l][h]
+        out += [f'<g transform="translate({10 + h * panel_w},{top + l * panel_h})">',
+                f'<text y="12">layer {l + 1}, head {h + 1}</text>',
+                f'<text y="{18 + side + under + 16}">{name} {share:.0%}</text>',
+                f'<rect x="{wide}" y="18" width="{side}" height="{side}" fill="#ddd"/>']
+        # Token i names row i (on the left) and column i (below).
+        out.append(f'<g font-family="monospace" font-size="{font}" text-anchor="end">')
+        out += [f'<text x="{wide - 3}" y="{18 + (i + 0.5) * cell + font * 0.35:.1f}">{label}</text>'
+                for i, label in enumerate(labels)]
+        if upright:
+            out += [f'<text x="{wide + (i + 0.5) * cell:.1f}" y="{18 + side + font + 2}" text-anchor="middle">'
+                    f'{label}</text>' for i, label in enumerate(labels)]
+        else:
+            out += [f'<text transform="translate({wide + (i + 0.5) * cell + font * 0.35:.1f},{18 + side + 3}) '
+                    f'rotate(-90)">{label}</text>' for i, label in enumerate(labels)]
+        # The cells, in units of a cell: a line from (s, t) n cells long covers cells s..s+n-1 of row t.
+        lines = {}  # shade -> its lines
+        for t in range(T):
+            s = 0
+            for level, run in itertools.groupby(levels[l][h][t][:t + 1]):
+                n = len(list(run))
+                lines.setdefault(level, []).append(f'M{s} {t}h{n}')
+                s += n
+        out.append(f'</g><g transform="translate({wide},{18 + cell / 2}) scale({cell})" fill="none" '
+                   f'stroke-width="1" shape-rendering="crispEdges" data-head="{l},{h}">')
+        out += [f'<path stroke="{shades[level]}" d="{"".join(runs)}"/>' for level, runs in sorted(lines.items())]
+        out.append('</g></g>')
+    return '\n'.join(out + ['</svg>']) + '\n'
+
+
+def bench_attention(cfg):
+    """out_dir/attention.svg: every head's attention on the prompt --start, drawn with the standard library,
+    and its caption for each head printed as a table. The weights are those of ckpt.pt, or of last.pt in a
+    run that has no ckpt.pt yet."""
+    path = os.path.join(cfg['out_dir'], 'ckpt.pt')
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(cfg['out_dir'], 'last.pt')):
+        path = os.path.join(cfg['out_dir'], 'last.pt')
+    model, tokenizer = gpt.load_model(path, 'cpu')
+    if model.config.n_layer == 0:  # not an error: there is just nothing to draw
+        print(f"{path} has no attention to draw: it is a bigram model (n_layer=0); each prediction sees only its "
+              "own token and position")
+        return
+    text = cfg['start']
+    if isinstance(tokenizer, gpt.CharTokenizer):  # BPE encodes any text
+        unknown = sorted(set(text) - tokenizer.stoi.keys())
+        if unknown:
+            raise UserError(f"characters not in the model's vocabulary: {''.join(unknown)!r}; remove them")
+    ids = tokenizer.encode(text)
+    if len(ids) < 2:
+        raise UserError(f"--start={text!r} is too short: give 2 tokens or more, so that one has another to read")
+    most = min(MOST_TOKENS, model.config.block_size)
+    kept = ids[-most:]
+    texts = [tokenizer.decode([i]) for i in kept]  # each token's own text, for the labels
+    # The note decodes the tokens together, so that a character that BPE cut into bytes shows whole there.
+    notes = [f"Attention of {path} on \"{visible(tokenizer.decode(kept))}\": row t, how much token t reads "
+             "each token s."]
+    if len(kept) < len(ids):
+        notes.append(f"The prompt has {len(ids)} tokens: only its last {most} are shown (the most that "
+                     f"{'the model sees at once, block_size' if most < MOST_TOKENS else 'stay legible'}).")
+    weights = attention_weights(model, torch.tensor([kept]))
+    captions = [[caption(head, texts) for head in layer] for layer in weights]
+    svg = os.path.join(cfg['out_dir'], 'attention.svg')
+    try:
+        with open(svg, 'w', encoding='utf-8') as f:
+            f.write(draw_attention(weights, texts, captions, notes))
+    except OSError as e:
+        raise UserError(f"cannot write {svg} ({e.strerror or e}); make {cfg['out_dir']}/ writable") from None
+    print('\n'.join(notes))
+    rows = [[l + 1, h + 1, f"{name} {share:.0%}"] for l, layer in enumerate(captions)
+            for h, (name, share) in enumerate(layer)]
+    table(['layer', 'head', 'mostly reads'], rows)
+    print(f"wrote {svg} ({os.path.getsize(svg) / 1000:.0f} kB)")
+
+
 def time_startup(device):
     """Seconds that `python -c "import torch"` takes, and how much longer it takes to also put a first tensor
     on the device (CUDA's initialization). The faster of two runs each: the first may read a cold disk."""
@@ -416,7 +595,7 @@ def check(cfg):  # bench.py's own settings (gpt.setup checks gpt.py's): one line
 
 def main(argv):
     modes = {'train': (TRAIN, bench_train), 'target': (TARGET, bench_target), 'sample': (SAMPLE, bench_sample),
-             'plot': (PLOT, bench_plot), 'gpu': (GPU, bench_gpu)}
+             'plot': (PLOT, bench_plot), 'attention': (ATTENTION, bench_attention), 'gpu': (GPU, bench_gpu)}
     if {'-h', '--help'} & set(argv):
         return usage(modes)
     if not argv or argv[0] not in modes:
