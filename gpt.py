@@ -287,8 +287,10 @@ def train(ckpt, meta):  # the training loop; ckpt: the checkpoint that a resumed
 
 # THE SAFETY NET (skip on a first read): what keeps a run's work from being lost, and a run from going on
 # wrong in silence. A common mistake ends in one line and exit code 2; rarer misuse in Python's traceback.
-stops = []  # the signals received: Ctrl-C (SIGINT), SIGTERM, and SIGHUP (a closed terminal; not on Windows)
-SIGNALS = [getattr(signal, name) for name in ('SIGINT', 'SIGTERM', 'SIGHUP') if hasattr(signal, name)]
+stops = []  # the signals received since the run started: each asks it to stop (stop_if_asked)
+SIGNALS = [signal.SIGINT, signal.SIGTERM]  # Ctrl-C, and what torchrun or a system sends to end a program
+if hasattr(signal, 'SIGHUP') and signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # not Windows, nor nohup
+    SIGNALS.append(signal.SIGHUP)  # the terminal closed, or the ssh connection dropped
 class UserError(Exception):  # a mistake the user can fix (a setting, a file): one line, exit code 2
     pass
 def agree(value, op=dist.ReduceOp.SUM):  # a number summed (or maxed) over all processes, so all act alike
@@ -296,8 +298,8 @@ def agree(value, op=dist.ReduceOp.SUM):  # a number summed (or maxed) over all p
         value = torch.tensor(float(value), device=device)
         dist.all_reduce(value, op)
     return float(value)
-def say(*args, **kwargs):  # under torchrun, process 0 alone prints
-    if rank == 0:
+def say(*args, **kwargs):  # process 0 alone prints, and none after a SIGHUP (1): its terminal is gone
+    if rank == 0 and 1 not in stops:
         print(*args, flush=True, **kwargs)
 class Run:  # for train(): log lines and log.csv, checkpoints, and stops; process 0 alone writes files
     def __init__(self, model, optimizer, meta, ckpt):
@@ -312,7 +314,7 @@ class Run:  # for train(): log lines and log.csv, checkpoints, and stops; proces
                     f.write('iter,train_loss,val_loss,val_bpc,lr\n')
             except FileExistsError:
                 raise UserError(f"{out_dir}/ holds another run's log.csv; use another --out_dir") from None
-        stops.clear()  # from here a signal asks the run to stop (stop_if_asked)
+        stops.clear()
         for s in SIGNALS:
             signal.signal(s, lambda sig, _: stops.append(sig))
     def check(self, it, value, what='the loss'):  # nan or inf ends the run before it can replace a checkpoint
@@ -328,8 +330,7 @@ class Run:  # for train(): log lines and log.csv, checkpoints, and stops; proces
         loss, dt = agree(loss.item()) / world_size, (time.time() - self.t_log) / (it - self.it_log)
         self.log(it, loss, f"iter {it}/{max_iters}: loss {loss:.4f}, {dt * 1000:.0f} ms/iter", f'{loss:.4f}')
         self.t_log, self.it_log = time.time(), it
-    def stop_if_asked(self, it):  # after a signal, save last.pt and exit
-        # Under torchrun all processes vote at each step: all stop at the same one, before torchrun kills them
+    def stop_if_asked(self, it):  # after a signal, all processes agree to stop at this step: save last.pt
         asked = int(agree(stops[0] if stops else 0, dist.ReduceOp.MAX))
         if asked:
             self.save(it, ['last.pt'])
@@ -361,7 +362,6 @@ def load_model(path, device='cpu'):  # a checkpoint, or a folder's ckpt.pt -> (m
     return model.to(device).eval(), load_tokenizer(ckpt['tokenizer'])
 def read_data():  # meta.json, and the token files mapped into tokens once, for the whole run
     if not os.path.isfile(f'{data_dir}/meta.json') and data_dir == 'data' and world_size == 1:
-        say(f"no {data_dir}/meta.json yet: running prepare.py first")
         if subprocess.run([sys.executable, pathlib.Path(__file__).parent / 'prepare.py']).returncode:
             sys.exit(1)  # prepare.py said why
     for split in ('train', 'val'):
