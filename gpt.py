@@ -72,7 +72,7 @@ def load_tokenizer(meta):  # meta: the 'tokenizer' entry of meta.json (or of a c
     return BPETokenizer(meta['merges']) if meta['kind'] == 'bpe' else CharTokenizer(meta['vocab'])
 
 # DATA: prepare.py's uint16 token files, read through np.memmap (no corpus has to fit in memory).
-tokens = {}  # 'train', 'val' -> its token ids, mapped once (read_data): a run keeps the data it began with
+tokens = {}  # 'train', 'val' -> its token ids, mapped once by read_data (in the safety net, at the end)
 def get_batch(split, starts=None):  # x, y (B, T) each (B: batch_size, T: block_size), at starts or random
     if starts is None:  # each row must fit in the split
         starts = torch.randint(len(tokens[split]) - block_size, (batch_size,)).numpy()
@@ -103,7 +103,7 @@ class MultiHeadAttention(nn.Module):  # n_head heads of hs = C / nh channels, ea
         # 2) Head h owns channels h*hs to (h+1)*hs. With C = 128, nh = 4, hs = 32: view cuts (B, T, 128) into
         # (B, T, 4, 32), and transpose gives (B, 4, T, 32): the heads become a batch dimension.
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        mask = None  # None means the plain causal mask, which Head builds
+        mask = None  # None means the plain causal mask, which Head applies
         if cache is not None:  # generation only (sample.py): the keys and values of earlier tokens join
             k, v, mask = cache.append(k, v)  # (B, nh, S, hs), S: cached + new; mask (T, S)
         y = self.heads(q, k, v, mask)  # 3) every head attends (Head, next): (B, nh, T, hs)
@@ -116,8 +116,8 @@ class Head(nn.Module):  # one head's math on (T, hs), written so that all heads 
         self.flash, self.dropout = flash, nn.Dropout(dropout)
     def forward(self, q, k, v, mask=None):
         if not self.flash:  # written out: the lesson
-            # Each score says how much a query's token wants a key's. A dot product of hs terms has a variance
-            # that grows with hs, so dividing by sqrt(hs) keeps it near 1 and the softmax soft, not one-hot.
+            # Each score says how much a query's token wants a key's. A sum of hs products of unit-variance
+            # terms has variance hs: dividing by sqrt(hs) keeps it near 1, and the softmax soft, not one-hot.
             wei = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B,nh,T,hs) @ (B,nh,hs,S) -> (B,nh,T,S)
             # The mask marks what each token may see: row t is true for keys 0..t, false for the later ones,
             # because the target of position t is token t + 1 (no peeking). Hidden scores become -inf.
@@ -138,9 +138,9 @@ class FeedForward(nn.Module):  # a two-layer MLP applied to each position on its
 class Block(nn.Module):
     """Communication (attention), then computation (feed-forward), each added to the residual stream x.
     LayerNorm rescales each token's vector to mean 0 and variance 1, then applies a learned gain and bias.
-    Pre-norm (GPT-2) normalizes only what each part reads, x + f(LN(x)): no LayerNorm on the residual path,
-    so gradients reach the first blocks unchanged however deep the stack (the 2017 post-norm, LN(x + f(x)),
-    has one there). x itself grows in scale from block to block in training: GPT normalizes it once, ln_f."""
+    Pre-norm (GPT-2) normalizes only what each part reads, x + f(LN(x)), unlike the 2017 post-norm LN(x +
+    f(x)): no LayerNorm on the residual path, so gradients flow back along its sums unchanged. x grows from
+    block to block, so GPT normalizes it once, ln_f, before lm_head: else the logits' scale would drift."""
     def __init__(self, cfg):
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(cfg.n_embd), MultiHeadAttention(cfg)
@@ -159,8 +159,8 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd)  # normalizes the residual sum once, at the end (see Block)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying: one vector embeds token i and scores it
-        # GPT-2's init: weights from N(0, 0.02). The two .proj layers of each block add to the residual
-        # stream, so theirs are divided by sqrt(2 * n_layer): at init, its variance is the same at any depth.
+        # GPT-2's init: weights from N(0, 0.02). The 2 * n_layer .proj layers all add to the residual
+        # stream, so theirs are divided by sqrt(2 * n_layer): at init its final variance is alike at any depth.
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith('.proj') else 0.02
@@ -181,7 +181,7 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         # Past block_size tokens the window slides by one token (sample.py's KV cache jumps by half a block).
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size:])[0][:, -1].float()  # (B, V): the last position's
+            logits = self(idx[:, -self.config.block_size:])[0][:, -1].float()  # (B, V): the last position
             logits = logits - logits.amax(dim=-1, keepdim=True)  # the same softmax, no overflow; the max is 0
             if top_k is not None:  # only the k likeliest tokens stay candidates
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]  # (B, 1)
@@ -225,7 +225,7 @@ def get_lr(it):  # the learning rate of step it
     # average of gradient sizes, unreliable after few steps; full steps now could throw the weights far off.
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)  # it + 1: step 0's rate is not 0
-    # 2) Decay along a cosine to min_lr: big steps while the loss falls fast, then small ones that settle.
+    # 2) Decay along a cosine to min_lr: each batch's gradient is noisy, so big steps bounce around a minimum.
     if it < lr_decay_iters:
         progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)  # 0 -> learning_rate, 1 -> min_lr
         return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
@@ -325,7 +325,7 @@ class Run:  # for train(): log lines and log.csv, checkpoints, and stops; proces
         say(line)
         if rank == 0:
             with open(f'{out_dir}/log.csv', 'a') as f:
-                f.write(f"{it},{train},{val},{bpc},{get_lr(it):.4g}\n")  # lr: the rate of step it
+                f.write(f"{it},{train},{val},{bpc},{get_lr(it):.4g}\n")  # lr of the step that starts at it
     def log_step(self, it, loss):
         loss, dt = agree(loss.item()) / world_size, (time.time() - self.t_log) / (it - self.it_log)
         self.log(it, loss, f"iter {it}/{max_iters}: loss {loss:.4f}, {dt * 1000:.0f} ms/iter", f'{loss:.4f}')
@@ -417,7 +417,7 @@ def setup(overrides):  # settings, device and data, all checked before any work;
     compile = compile and capability >= (7, 0)  # Triton needs 7.0; the CPU stays eager
     dtype = ('bfloat16' if capability >= (8, 0) else 'float32') if dtype == 'auto' else dtype  # native only
     for k in ('block_size', 'n_layer', 'n_head', 'n_embd', 'weight_decay', 'beta1', 'beta2'):
-        if k in kept and k in overrides and kept[k] != overrides[k]:  # else loaded over it in silence
+        if k in kept and k in overrides and kept[k] != overrides[k]:  # AdamW's would be lost in silence
             raise UserError(f"--{k}={overrides[k]}, but a resumed run keeps its {kept[k]}")
     if n_embd % n_head:
         raise UserError(f'--n_embd={n_embd} must be a multiple of --n_head={n_head}')
