@@ -160,7 +160,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying: one vector embeds token i and scores it
         # GPT-2's init: weights from N(0, 0.02). The 2 * n_layer .proj layers all add to the residual
-        # stream, so theirs are divided by sqrt(2 * n_layer): at init its final variance is alike at any depth.
+        # stream, so theirs are divided by sqrt(2 * n_layer): at init its end variance is alike at any depth.
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith('.proj') else 0.02
